@@ -1,0 +1,250 @@
+"""The `lmforge` command line: one subcommand per pipeline stage, thin by design.
+
+Each command parses arguments, loads and validates a config (file + dotted overrides), and
+calls a library function. A `UserError` (or a usage error) becomes one `error: ...` line on
+stderr and exit code 2. The options of a stage's config are listed in its `--help`, generated
+from the config fields' own help strings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lmforge import config as C
+from lmforge.data.corpora import DataConfig, load_corpus
+from lmforge.data.world import WorldConfig, write_world
+from lmforge.errors import UserError
+from lmforge.generation.generate import SamplingConfig
+from lmforge.generation.generate import generate as run_generate
+from lmforge.tokenizers import load_tokenizer, min_vocab_size, train_tokenizer
+from lmforge.training.checkpoint import load_decoder
+from lmforge.training.pretrain import PretrainConfig
+from lmforge.training.pretrain import pretrain as run_pretrain
+
+
+def _options_epilog(cls: type) -> str:
+    rows = C.describe(cls)
+    width = max(len(k) for k, *_ in rows)
+    lines = ["\b", "Config options (set in --config FILE or as KEY=VALUE arguments):"]
+    for key, tp, default, help_ in rows:
+        lines.append(f"  {key:<{width}}  {help_} [{tp}, default: {default or repr(default)}]")
+    return "\n".join(lines)
+
+
+def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Shared options of a training stage: --out, --config, --resume, --overwrite, overrides."""
+    f = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(f)
+    f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+    f = click.option(
+        "--overwrite", is_flag=True, help="Replace an existing run directory."
+    )(f)
+    f = click.option(
+        "--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."
+    )(f)
+    f = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="TOML or YAML config file; KEY=VALUE arguments override it.",
+    )(f)
+    f = click.option(
+        "--out", required=True, type=click.Path(path_type=Path), help="Run directory."
+    )(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="lmforge")
+def cli() -> None:
+    """lmforge: the whole LLM training workflow, from raw text to an aligned chat model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# world
+
+
+@cli.command(epilog=_options_epilog(WorldConfig))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def world(out: Path, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Write the built-in task world's corpus to OUT for inspection."""
+    cfg = C.load(WorldConfig, config_file, overrides)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty")
+    summary = write_world(cfg, out)
+    click.echo(json.dumps(summary, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+@cli.group()
+def tokenizer() -> None:
+    """Train and inspect tokenizers."""
+
+
+@tokenizer.command("train")
+@click.option(
+    "--algo", type=click.Choice(["bpe", "wordpiece", "unigram", "char"]), default="bpe"
+)
+@click.option("--vocab-size", type=int, default=2048, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--text-field", default="text", show_default=True, help="Text field in .jsonl.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing tokenizer folder.")
+@click.argument("inputs", nargs=-1)
+def tokenizer_train(
+    algo: str, vocab_size: int, out: Path, text_field: str, overwrite: bool, inputs: tuple[str, ...]
+) -> None:
+    """Train a tokenizer on INPUTS (files, folders or 'world'; default 'world').
+
+    A tenth of the text is held out to report compression (bytes per token).
+    """
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: already exists; use --overwrite to replace it")
+    if vocab_size < min_vocab_size(algo):
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small for {algo}: "
+            f"it needs at least {min_vocab_size(algo)}"
+        )
+    data = C.build(DataConfig, {"inputs": list(inputs or ("world",)), "text_field": text_field})
+    corpus = load_corpus(data)
+    tok = train_tokenizer(algo, corpus.train, vocab_size, show_progress=True)
+    tok.save(out)
+    report = {
+        "algo": algo,
+        "vocab_size": tok.vocab_size,
+        "bytes_per_token_heldout": round(tok.bytes_per_token(corpus.val), 4),
+        "out": str(out),
+    }
+    click.echo(json.dumps(report, indent=2))
+
+
+@tokenizer.command("encode")
+@click.option("--tokenizer", "tok_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--tokens", is_flag=True, help="Show token strings beside the ids.")
+@click.argument("text")
+def tokenizer_encode(tok_dir: Path, tokens: bool, text: str) -> None:
+    """Print the token ids of TEXT."""
+    tok = load_tokenizer(tok_dir)
+    ids = tok.encode(text)
+    if tokens:
+        for i in ids:
+            click.echo(f"{i}\t{tok.id_to_token(i)!r}")
+    else:
+        click.echo(" ".join(map(str, ids)))
+
+
+@tokenizer.command("decode")
+@click.option("--tokenizer", "tok_dir", required=True, type=click.Path(path_type=Path))
+@click.argument("ids", nargs=-1, type=int, required=True)
+def tokenizer_decode(tok_dir: Path, ids: tuple[int, ...]) -> None:
+    """Print the text of token IDS."""
+    tok = load_tokenizer(tok_dir)
+    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+    if bad:
+        raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
+    click.echo(tok.decode(list(ids)))
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain
+
+
+@cli.command(epilog=_options_epilog(PretrainConfig))
+@_stage_options
+def pretrain(
+    out: Path,
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Pretrain a decoder-only model with next-token prediction (default: the task world)."""
+    cfg = C.load(PretrainConfig, config_file, overrides)
+    last = run_pretrain(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    keys = ("step", "loss", "val_loss", "val_bpb", "tokens_per_s")
+    click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Repeat for a batch.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-cache", is_flag=True, help="Re-encode the whole sequence every step.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per prompt.")
+def generate(
+    model_dir: Path,
+    prompts: tuple[str, ...],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    no_cache: bool,
+    as_json: bool,
+) -> None:
+    """Continue each PROMPT with a trained model."""
+    sampling = C.build(
+        SamplingConfig,
+        {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+            "use_cache": not no_cache,
+        },
+        source="command line",
+    )
+    model, tok, _ = load_decoder(model_dir)
+    ids = [tok.encode(p, add_bos=False) for p in prompts]
+    outs = run_generate(model, ids, sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    for prompt, new in zip(prompts, outs):
+        text = tok.decode(new)
+        if as_json:
+            click.echo(json.dumps({"prompt": prompt, "completion": text}))
+        else:
+            click.echo(prompt + text)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI, mapping bad input to one `error:` line and exit code 2."""
+    try:
+        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="lmforge",
+                      standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except UserError as e:
+        _fail(str(e))
+    except click.ClickException as e:
+        _fail(e.format_message())
+    except click.exceptions.Abort:
+        _fail("aborted")
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _fail(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(2)

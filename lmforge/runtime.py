@@ -1,0 +1,65 @@
+"""Where and how tensors run: device choice, mixed precision, seeding, threads.
+
+`autocast_dtype` answers "is bf16 faster here?" by measuring, once per process, instead of
+guessing from the device name: on CPUs with AMX or AVX512-BF16 bf16 matmuls run several times
+faster than fp32, elsewhere they can be slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@functools.cache
+def _cpu_bf16_is_faster(n: int = 512, reps: int = 6) -> bool:
+    """Time an n*n*n matmul in fp32 and bf16 and say whether bf16 wins by a clear margin."""
+
+    def best(dtype: torch.dtype) -> float:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    try:
+        return best(torch.bfloat16) * 1.25 < best(torch.float32)
+    except RuntimeError:  # no bf16 kernels on this CPU build
+        return False
+
+
+def autocast_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """Resolve the `train.dtype` option ('auto', 'float32', 'bfloat16') for a device."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_bf16_is_faster() else torch.float32
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[object]:
+    """Mixed-precision context for the forward pass; a no-op in float32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)

@@ -1,0 +1,192 @@
+"""The only module that writes and reads checkpoints.
+
+Two artefacts, both safetensors plus JSON, never pickle:
+- a model folder: `model.safetensors` + `config.json` (the resolved run config, the model
+  family, step and tokenizer fingerprint), loadable for generation or the next stage;
+- resume state: `state/step_XXXXXXXX/` holding `model.safetensors`, `optim.safetensors`
+  (AdamW moments, step counters and RNG states as tensors) and `state.json` (step, optimizer
+  hyper-parameters, anything else the trainer needs). The folder is written under a temporary
+  name and renamed when complete, so a checkpoint counts only once it is whole; the newest
+  complete one is what `--resume` picks. The last `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from lmforge.config import from_dict
+from lmforge.errors import UserError
+from lmforge.io import atomic_write, atomic_write_json, fsync_dir
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.tokenizers import Tokenizer, load_tokenizer
+
+STATE_DIR = "state"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folders
+
+
+def save_model_dir(out: Path, model: torch.nn.Module, config: dict[str, Any]) -> None:
+    """Write `out/model.safetensors` and `out/config.json` atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    # save_model drops tied duplicates (lm_head == tok_emb) that save_file would refuse.
+    atomic_write(out / "model.safetensors", lambda p: save_model(_unwrap(model), str(p)))
+    atomic_write_json(out / "config.json", {"format_version": FORMAT_VERSION, **config})
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: not a model folder (no config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        missing, unexpected = load_model(_unwrap(model), str(path), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot load weights ({e})") from None
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: weights do not fit the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside torch.compile / DDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume state
+
+
+def _step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / STATE_DIR / f"step_{step:08d}"
+
+
+def save_state(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write resume state for `step` (steps completed) and prune to the newest `keep`."""
+    final = _step_dir(run_dir, step)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    tensors, groups = _flatten_optimizer(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_model(_unwrap(model), str(tmp / "model.safetensors"))
+    save_file(tensors, str(tmp / "optim.safetensors"))
+    meta = {"format_version": FORMAT_VERSION, "step": step, "param_groups": groups, **extra}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving the same step (e.g. the final step after a resume)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+    for old in list_states(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_states(run_dir: Path) -> list[Path]:
+    """Complete state folders, oldest first. Half-written `.tmp-*` folders are not listed."""
+    root = run_dir / STATE_DIR
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.name.startswith("step_") and (d / "state.json").is_file()]
+    return sorted(dirs, key=lambda d: d.name)
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    states = list_states(run_dir)
+    return states[-1] if states else None
+
+
+def load_state(
+    state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore model, optimizer and RNG from a state folder; return its `state.json`."""
+    try:
+        meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(state_dir / "optim.safetensors"))
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise UserError(f"{state_dir}: unreadable checkpoint ({e})") from None
+    load_model_weights(model, state_dir / "model.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return meta
+
+
+def _flatten_optimizer(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Optimizer state as flat tensors (`opt.<param>.<name>`) plus JSON-able param groups."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt.{pid}.{name}"] = t.detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if not key.startswith("opt."):
+            continue
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = t
+    restored = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": restored}
+
+
+def load_decoder(
+    model_dir: Path, device: torch.device | str = "cpu"
+) -> tuple[Decoder, Tokenizer, dict[str, Any]]:
+    """A trained decoder, its tokenizer and its saved config from a model folder."""
+    config = read_config_json(model_dir)
+    if config.get("family") != "decoder":
+        raise UserError(f"{model_dir}: holds a '{config.get('family')}' model, not a decoder")
+    model_cfg = from_dict(DecoderConfig, config["model"], str(model_dir / "config.json"))
+    tokenizer = load_tokenizer(model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size)
+    model = Decoder(model_cfg)
+    load_model_weights(model, model_dir / "model.safetensors")
+    return model.to(device).eval(), tokenizer, config

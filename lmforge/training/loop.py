@@ -1,0 +1,83 @@
+"""Options every training stage shares, and the small pieces of a step they all use.
+
+Kept deliberately thin: each stage's loop stays a plain function in its own module; what is
+here is only what would otherwise be copied between them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lmforge.config import check, opt
+from lmforge.errors import UserError
+from lmforge.runtime import autocast_dtype, resolve_device
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_steps: int = opt(1000, "optimizer steps to train for")
+    batch_size: int = opt(16, "sequences per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    block_size: int = opt(0, "tokens per training sequence; 0 means model.max_seq_len")
+    device: str = opt("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "autocast precision; 'auto' measures whether bf16 is faster on this device"
+    )
+    compile: bool = opt(False, "torch.compile the model (slow start, faster steps)")
+    threads: int = opt(0, "CPU threads for PyTorch; 0 keeps PyTorch's default")
+    seed: int = opt(0, "seed for initialisation, data order and dropout")
+    log_every: int = opt(10, "write a metrics row every N steps")
+    eval_every: int = opt(250, "evaluate on held-out data every N steps (and at the end)")
+    eval_blocks: int = opt(64, "held-out blocks per evaluation")
+    ckpt_every: int = opt(250, "save resume state every N steps (and at the end)")
+    keep_checkpoints: int = opt(2, "resume states kept on disk (the newest ones)")
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1 (got {getattr(self, name)})")
+        check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1")
+        check(self.eval_blocks >= 1, "eval_blocks", "must be >= 1")
+        check(self.block_size >= 0, "block_size", "must be >= 0")
+        check(self.threads >= 0, "threads", "must be >= 0")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+
+
+def setup_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        device = resolve_device(cfg.device)
+    except RuntimeError as e:
+        raise UserError(f"train.device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: CUDA requested but not available")
+    return device, autocast_dtype(cfg.dtype, device)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise UserError(
+            f"step {step}: loss became {loss.item()} (training diverged); "
+            "lower optim.lr or raise optim.warmup_steps"
+        )
+
+
+class Throughput:
+    """Tokens per second over the steps since the last `rate()` call."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, n: int) -> None:
+        self.tokens += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.tokens / max(now - self.t0, 1e-9)
+        self.t0, self.tokens = now, 0
+        return r

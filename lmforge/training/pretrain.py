@@ -1,0 +1,257 @@
+"""Pretraining: next-token prediction on packed blocks of a tokenized corpus.
+
+`pretrain(cfg, out)` reads and validates the corpus, trains (or reuses) a tokenizer, tokenizes
+into cached shards, then runs a plain loop: batch -> forward -> loss -> backward -> clip ->
+step -> schedule -> log -> eval -> checkpoint. Every piece of state a step depends on (weights,
+AdamW moments, RNG, the data position, which is a pure function of the step) is in the
+checkpoint, so a killed run resumed with `resume=True` reproduces the same losses bit for bit
+on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lmforge.config import check, from_dict, opt, to_dict
+from lmforge.data.corpora import Corpus, DataConfig, load_corpus
+from lmforge.data.packing import BlockSampler
+from lmforge.data.shards import build_shards, cache_root
+from lmforge.errors import UserError
+from lmforge.io import atomic_write_json
+from lmforge.evaluation.perplexity import held_out_metrics, unigram_loss
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.objectives.lm import next_token_loss
+from lmforge.runtime import autocast, seed_everything
+from lmforge.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from lmforge.tokenizers.config import TokenizerConfig
+from lmforge.training.checkpoint import load_state, save_model_dir, save_state
+from lmforge.training.loop import Throughput, TrainConfig, check_finite, setup_device
+from lmforge.training.metrics import CPU_BF16_PEAK_FLOPS, MetricsWriter, decoder_flops_per_token
+from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.rundir import check_run_dir, run_dir
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    data: DataConfig = opt(DataConfig(), "training text")
+    tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer to train or reuse")
+    model: DecoderConfig = opt(DecoderConfig(), "decoder-only transformer")
+    optim: OptimConfig = opt(OptimConfig(), "AdamW and learning-rate schedule")
+    train: TrainConfig = opt(TrainConfig(), "training loop")
+
+    def __post_init__(self) -> None:
+        check(
+            self.train.block_size <= self.model.max_seq_len,
+            "train.block_size",
+            f"{self.train.block_size} exceeds the model's context "
+            f"model.max_seq_len={self.model.max_seq_len}",
+        )
+
+    @property
+    def block_size(self) -> int:
+        return self.train.block_size or self.model.max_seq_len
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the pretraining stage into `out`; return the final metrics row."""
+    state = check_run_dir(out, resume=resume, overwrite=overwrite)
+    if state is not None:
+        cfg = _check_resume_config(cfg, out)
+    corpus = load_corpus(cfg.data)
+    tokenizer = build_tokenizer(cfg, corpus, out if resume else None, progress)
+    data = build_shards(corpus, tokenizer, cfg.data.cache_dir, progress)
+    model_cfg = resolve_model_config(cfg.model, tokenizer)
+    device, dtype = setup_device(cfg.train)
+    seed_everything(cfg.train.seed)
+    model = Decoder(model_cfg).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    sampler = BlockSampler(data.train.tokens, cfg.block_size, cfg.train.seed)
+    fwd = torch.compile(model) if cfg.train.compile else model
+    run_config = {"stage": "pretrain", "family": "decoder", "run": to_dict(cfg)}
+    run_config["model"] = to_dict(model_cfg)
+    run_config["tokenizer_fingerprint"] = tokenizer.fingerprint
+
+    with run_dir(out, fresh=state is None, overwrite=overwrite):
+        start = 0
+        if state is not None:
+            start = load_state(state, model, optimizer)["step"]
+        else:
+            tokenizer.save(out / "tokenizer")
+            atomic_write_json(out / "run_config.json", run_config)
+        metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start if state else None)
+        flops_per_token = decoder_flops_per_token(model_cfg, cfg.block_size)
+        tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.block_size
+        if state is None:
+            metrics.log(
+                {
+                    "step": 0,
+                    "params": model.num_params(),
+                    "unigram_val_loss": unigram_loss(
+                        data.train.tokens, data.val.tokens, model_cfg.vocab_size
+                    ),
+                    "tokens_per_byte": data.train.tokens_per_byte,
+                    "autocast": str(dtype).removeprefix("torch."),
+                }
+            )
+        print_summary(model, cfg, data.reused, dtype, device, start, progress)
+
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=start,
+            desc="pretrain",
+            unit="step",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        meter = Throughput()
+        last: dict[str, Any] = {}
+        t_start = time.perf_counter()
+        model.train()
+        for step in range(start, cfg.train.max_steps):
+            lr = lr_at(step, cfg.train.max_steps, cfg.optim)
+            set_lr(optimizer, lr)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.train.grad_accum):
+                sample = (step * cfg.train.grad_accum + micro) * cfg.train.batch_size
+                x, y = sampler.batch(sample, cfg.train.batch_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    logits = fwd(x)
+                loss = next_token_loss(logits, y) / cfg.train.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            check_finite(loss_sum, step + 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            meter.add(tokens_per_step)
+
+            done = step + 1
+            bar.update(1)
+            row: dict[str, Any] = {}
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                tps = meter.rate()
+                row = {
+                    "step": done,
+                    "loss": loss_sum.item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tps,
+                    "mfu": tps * flops_per_token / _peak_flops(device),
+                    "elapsed_s": time.perf_counter() - t_start,
+                }
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
+                row.setdefault("step", done)
+                row.update(
+                    held_out_metrics(
+                        model,
+                        data.val,
+                        cfg.block_size,
+                        cfg.train.batch_size,
+                        cfg.train.eval_blocks,
+                        device,
+                        dtype,
+                    )
+                )
+                bar.write(f"step {done}: val_loss {row['val_loss']:.4f} bpb {row['val_bpb']:.3f}")
+            if row:
+                metrics.log(row)
+                last.update(row)
+            if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
+                save_state(
+                    out,
+                    done,
+                    model,
+                    optimizer,
+                    {"stage": "pretrain"},
+                    keep=cfg.train.keep_checkpoints,
+                )
+                save_model_dir(out, model, {**run_config, "step": done})
+        bar.close()
+        metrics.close()
+    return last
+
+
+def build_tokenizer(
+    cfg: PretrainConfig, corpus: Corpus, resume_dir: Path | None, progress: bool
+) -> Tokenizer:
+    """The run's own tokenizer on resume, a given one, or one trained (and cached) on the corpus."""
+    if resume_dir is not None:
+        return load_tokenizer(resume_dir / "tokenizer")
+    tc = cfg.tokenizer
+    if tc.path:
+        return load_tokenizer(tc.path)
+    key = hashlib.sha256(f"{corpus.fingerprint}:{tc.algo}:{tc.vocab_size}".encode()).hexdigest()
+    cached = cache_root(cfg.data.cache_dir) / "tokenizers" / key[:24]
+    if (cached / "tokenizer.json").is_file():
+        return load_tokenizer(cached)
+    tok = train_tokenizer(tc.algo, corpus.train, tc.vocab_size, show_progress=progress)
+    tok.save(cached)
+    return tok
+
+
+def resolve_model_config(model: DecoderConfig, tokenizer: Tokenizer) -> DecoderConfig:
+    if model.vocab_size == 0:
+        return dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
+    if model.vocab_size != tokenizer.vocab_size:
+        raise UserError(
+            f"model.vocab_size={model.vocab_size} does not match the tokenizer's "
+            f"{tokenizer.vocab_size} tokens (set model.vocab_size=0 to follow the tokenizer)"
+        )
+    return model
+
+
+def _check_resume_config(cfg: PretrainConfig, out: Path) -> PretrainConfig:
+    """On resume, the run's saved config wins; a differing command line is refused."""
+    saved = json.loads((out / "run_config.json").read_text(encoding="utf-8"))["run"]
+    saved_cfg = from_dict(PretrainConfig, saved, str(out / "run_config.json"))
+    if to_dict(cfg) != to_dict(PretrainConfig()) and to_dict(cfg) != saved:
+        raise UserError(
+            f"{out}: --resume continues the run with its saved config; "
+            "drop --config and overrides (or start a new run)"
+        )
+    return saved_cfg
+
+
+def print_summary(
+    model: Decoder,
+    cfg: PretrainConfig,
+    reused: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    start: int,
+    progress: bool,
+) -> None:
+    if not progress:
+        return
+    n = model.num_params()
+    tqdm.write(
+        f"model: {n / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M "
+        f"non-embedding) | {device} {str(dtype).removeprefix('torch.')} | "
+        f"tokens: {'cached' if reused else 'tokenized'} | "
+        + (f"resuming at step {start}" if start else "starting")
+    )
+
+
+def _peak_flops(device: torch.device) -> float:
+    if device.type == "cuda":
+        return 989e12  # H100 SXM dense bf16; only a denominator for the MFU figure
+    return CPU_BF16_PEAK_FLOPS

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import UserError
+from lmforge.generation.generate import SamplingConfig, generate
+from lmforge.generation.sampling import sample_next
+from lmforge.models.decoder import Decoder, DecoderConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> Decoder:
+    torch.manual_seed(1)
+    return Decoder(DecoderConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, max_seq_len=48))
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cache_and_no_cache_give_identical_tokens(model: Decoder, temperature: float) -> None:
+    outs = []
+    for use_cache in (True, False):
+        cfg = SamplingConfig(max_new_tokens=20, temperature=temperature, seed=3, use_cache=use_cache)
+        outs.append(generate(model, PROMPTS, cfg, eos_id=None))
+    assert outs[0] == outs[1]
+    assert all(len(o) == 20 for o in outs[0])
+
+
+def test_batched_equals_one_by_one(model: Decoder) -> None:
+    cfg = SamplingConfig(max_new_tokens=12)
+    batched = generate(model, PROMPTS, cfg, eos_id=None)
+    single = [generate(model, [p], cfg, eos_id=None)[0] for p in PROMPTS]
+    assert batched == single
+
+
+def test_stops_at_eos(model: Decoder) -> None:
+    cfg = SamplingConfig(max_new_tokens=15)
+    free = generate(model, [PROMPTS[0]], cfg, eos_id=None)[0]
+    eos = free[4]  # pretend the 5th greedy token is end-of-sequence
+    cut = generate(model, [PROMPTS[0]], cfg, eos_id=eos)[0]
+    assert cut == free[: free.index(eos)]
+
+
+def test_context_overflow_is_a_user_error(model: Decoder) -> None:
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        generate(model, [[1] * 40], SamplingConfig(max_new_tokens=9), eos_id=None)
+
+
+def test_top_k_and_top_p_restrict_support() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    k2 = sample_next(logits, temperature=1.0, top_k=2, generator=g)
+    assert set(k2.tolist()) == {0, 1}
+    p = sample_next(logits, temperature=1.0, top_p=0.75, generator=g)
+    assert set(p.tolist()) == {0, 1}  # 0.5 < 0.75 needs the second token; 0.8 covers it
+    assert sample_next(logits[:1]).item() == 0  # greedy

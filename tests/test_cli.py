@@ -1,0 +1,120 @@
+"""Bad input: one `error:` line naming the culprit, exit code 2, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from tests.conftest import TINY_PRETRAIN
+
+
+def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in err
+    return err
+
+
+def pretrain_fails(capsys: pytest.CaptureFixture[str], out: Path, *overrides: str) -> str:
+    err = fails(capsys, "pretrain", "--quiet", "--out", str(out), *TINY_PRETRAIN, *overrides)
+    assert not out.exists(), "a failed run left output behind"
+    return err
+
+
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = pretrain_fails(capsys, tmp_path / "run", f"data.inputs={tmp_path}/nope.txt")
+    assert "nope.txt: no such file" in err
+
+
+def test_empty_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    err = pretrain_fails(capsys, tmp_path / "run", f"data.inputs={tmp_path}/empty.txt")
+    assert "empty corpus" in err
+
+
+def test_non_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.txt").write_bytes(b"hello\nworld \xff\xfe here\n")
+    err = pretrain_fails(capsys, tmp_path / "run", f"data.inputs={tmp_path}/bad.txt")
+    assert "bad.txt:2: not valid UTF-8" in err
+
+
+def test_malformed_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": "broken\n')
+    err = pretrain_fails(capsys, tmp_path / "run", f"data.inputs={f}")
+    assert "c.jsonl:2: invalid JSON" in err
+    f.write_text('{"text": "fine"}\n{"body": "x"}\n')
+    err = pretrain_fails(capsys, tmp_path / "run", f"data.inputs={f}")
+    assert "c.jsonl:2: field 'text': missing" in err
+
+
+def test_vocab_too_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = pretrain_fails(capsys, tmp_path / "run", "tokenizer.vocab_size=100")
+    assert "vocab" in err and "too small" in err
+
+
+def test_block_size_beyond_context(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = pretrain_fails(capsys, tmp_path / "run", "train.block_size=65")
+    assert "train.block_size" in err and "max_seq_len=64" in err
+
+
+def test_existing_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    err = fails(capsys, "pretrain", "--quiet", "--out", str(out), *TINY_PRETRAIN)
+    assert "already exists" in err
+    assert (out / "mine.txt").read_text() == "x" and len(list(out.iterdir())) == 1
+
+
+def test_config_file_error_names_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[model]\nn_layer = 0\n")
+    err = fails(capsys, "pretrain", "--out", str(tmp_path / "r"), "--config", str(cfg))
+    assert "run.toml" in err and "field 'model.n_layer'" in err
+
+
+def test_usage_errors_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails(capsys, "pretrain")
+    assert "--out" in err
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    p = subprocess.run(
+        [sys.executable, "-m", "lmforge", "pretrain", "--out", str(tmp_path / "r"),
+         f"data.inputs={tmp_path}/missing.jsonl"],
+        capture_output=True, text=True, env=env,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"error: {tmp_path}/missing.jsonl: no such file or folder"]
+
+
+def test_tokenizer_and_generate_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. " * 200)
+    assert main(["tokenizer", "train", "--algo", "char", "--out", str(tmp_path / "tok"), str(corpus)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["bytes_per_token_heldout"] == pytest.approx(1.0)
+    assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "tok"), "cat"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert main(["tokenizer", "decode", "--tokenizer", str(tmp_path / "tok"), *ids]) == 0
+    assert capsys.readouterr().out == "cat\n"
+    out = tmp_path / "run"
+    assert main(["pretrain", "--quiet", "--out", str(out), *TINY_PRETRAIN, "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "Mia", "--prompt", "3 plus",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in lines] == ["Mia", "3 plus"]

@@ -1,0 +1,92 @@
+"""Pretraining learns, resumes exactly after SIGKILL, and keeps its checkpoint contract."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge import config as C
+from lmforge.errors import UserError
+from lmforge.training.checkpoint import list_states, load_decoder
+from lmforge.training.metrics import read_metrics
+from lmforge.training.pretrain import PretrainConfig, pretrain
+from tests.conftest import TINY_PRETRAIN
+
+
+def run(out: Path, *overrides: str, **kw: bool) -> dict:
+    cfg = C.load(PretrainConfig, None, [*TINY_PRETRAIN, *overrides])
+    return pretrain(cfg, out, progress=False, **kw)
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def test_learns_well_below_unigram_baseline(tmp_path: Path) -> None:
+    last = run(tmp_path / "run", "train.max_steps=120", "train.eval_every=60", "optim.lr=3e-3")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    unigram = rows[0]["unigram_val_loss"]
+    first_val = next(r["val_loss"] for r in rows if "val_loss" in r)
+    assert last["val_loss"] < 0.75 * unigram, (last["val_loss"], unigram)
+    assert last["val_loss"] < first_val
+    assert last["val_bpb"] > 0
+
+
+def test_run_dir_holds_a_loadable_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(out)
+    model, tok, config = load_decoder(out)
+    assert config["stage"] == "pretrain" and config["step"] == 20
+    assert model.cfg.vocab_size == tok.vocab_size
+    assert [p.name for p in list_states(out)] == ["step_00000010", "step_00000020"]
+
+
+def test_existing_run_dir_is_never_overwritten_silently(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="already exists"):
+        run(out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    run(out, overwrite=True)
+    assert not (out / "precious.txt").exists()
+
+
+def test_resume_continues_and_extends(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(out, "train.max_steps=10")
+    with pytest.raises(UserError, match="saved config"):
+        run(out, "train.max_steps=20", resume=True)
+
+
+def test_sigkill_then_resume_reproduces_losses_bit_for_bit(tmp_path: Path) -> None:
+    args = [*TINY_PRETRAIN, "train.max_steps=40", "train.ckpt_every=5", "model.dropout=0.1"]
+    ref = tmp_path / "ref"
+    cmd = [sys.executable, "-m", "lmforge", "pretrain", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    subprocess.run([*cmd, "--out", str(ref), *args], check=True, env=env, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(out), *args], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "state" / "step_00000015").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(out))
+    assert killed_at < 40, "the run finished before SIGKILL; nothing was tested"
+
+    resumed = subprocess.run(
+        [*cmd, "--out", str(out), "--resume"], env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(out) == losses(ref)  # exact float equality, every step 1..40
+    assert sorted(losses(out)) == list(range(1, 41))
