@@ -41,9 +41,7 @@ def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Shared options of a training stage: --out, --config, --resume, --overwrite, overrides."""
     f = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(f)
     f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
-    f = click.option(
-        "--overwrite", is_flag=True, help="Replace an existing run directory."
-    )(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")(f)
     f = click.option(
         "--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."
     )(f)
@@ -92,9 +90,7 @@ def tokenizer() -> None:
 
 
 @tokenizer.command("train")
-@click.option(
-    "--algo", type=click.Choice(["bpe", "wordpiece", "unigram", "char"]), default="bpe"
-)
+@click.option("--algo", type=click.Choice(["bpe", "wordpiece", "unigram", "char"]), default="bpe")
 @click.option("--vocab-size", type=int, default=2048, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--text-field", default="text", show_default=True, help="Text field in .jsonl.")
@@ -216,7 +212,7 @@ def generate(
     model, tok, _ = load_decoder(model_dir)
     ids = [tok.encode(p, add_bos=False) for p in prompts]
     outs = run_generate(model, ids, sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    for prompt, new in zip(prompts, outs):
+    for prompt, new in zip(prompts, outs, strict=True):
         text = tok.decode(new)
         if as_json:
             click.echo(json.dumps({"prompt": prompt, "completion": text}))
@@ -230,8 +226,11 @@ def generate(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI, mapping bad input to one `error:` line and exit code 2."""
     try:
-        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="lmforge",
-                      standalone_mode=False)
+        rv = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="lmforge",
+            standalone_mode=False,
+        )
         return rv if isinstance(rv, int) else 0
     except UserError as e:
         _fail(str(e))

@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import tomllib
 
 from lmforge.errors import UserError
 
@@ -150,7 +151,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise _PathError(prefix + key, f"unknown field{hint}")
     kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
+    for name in fields:
         if name not in data:
             continue
         tp = hints[name]
@@ -170,7 +171,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     from_cli = isinstance(value, _OverrideStr)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
-        if type(None) in args and (value is None or (from_cli and value.lower() in ("none", "null", ""))):
+        if type(None) in args and (
+            value is None or (from_cli and value.lower() in ("none", "null", ""))
+        ):
             return None
         errors = []
         for arg in args:

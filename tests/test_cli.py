@@ -93,18 +93,34 @@ def test_usage_errors_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> No
 def test_real_process_exit_code_and_no_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     p = subprocess.run(
-        [sys.executable, "-m", "lmforge", "pretrain", "--out", str(tmp_path / "r"),
-         f"data.inputs={tmp_path}/missing.jsonl"],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "pretrain",
+            "--out",
+            str(tmp_path / "r"),
+            f"data.inputs={tmp_path}/missing.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"error: {tmp_path}/missing.jsonl: no such file or folder"]
+    assert p.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/missing.jsonl: no such file or folder"
+    ]
 
 
-def test_tokenizer_and_generate_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tokenizer_and_generate_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat. " * 200)
-    assert main(["tokenizer", "train", "--algo", "char", "--out", str(tmp_path / "tok"), str(corpus)]) == 0
+    assert (
+        main(["tokenizer", "train", "--algo", "char", "--out", str(tmp_path / "tok"), str(corpus)])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["bytes_per_token_heldout"] == pytest.approx(1.0)
     assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "tok"), "cat"]) == 0
@@ -112,9 +128,26 @@ def test_tokenizer_and_generate_commands(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["tokenizer", "decode", "--tokenizer", str(tmp_path / "tok"), *ids]) == 0
     assert capsys.readouterr().out == "cat\n"
     out = tmp_path / "run"
-    assert main(["pretrain", "--quiet", "--out", str(out), *TINY_PRETRAIN, "train.max_steps=2"]) == 0
+    assert (
+        main(["pretrain", "--quiet", "--out", str(out), *TINY_PRETRAIN, "train.max_steps=2"]) == 0
+    )
     capsys.readouterr()
-    assert main(["generate", "--model", str(out), "--prompt", "Mia", "--prompt", "3 plus",
-                 "--max-new-tokens", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--prompt",
+                "Mia",
+                "--prompt",
+                "3 plus",
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in lines] == ["Mia", "3 plus"]

@@ -106,7 +106,7 @@ def _split_tail(docs: list[str], fraction: float) -> tuple[list[str], list[str]]
             f"data.inputs: corpus of {total} characters is too small to hold out "
             f"val_fraction={fraction}; give data.val_inputs"
         )
-    train, val = list(docs), []
+    train, val = list(docs), list[str]()
     while need > 0:
         last = train.pop()
         if len(last) <= need:

@@ -79,6 +79,9 @@ class DecoderConfig:
 
 
 class Decoder(nn.Module):
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         if cfg.vocab_size < 1:

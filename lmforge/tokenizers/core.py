@@ -188,7 +188,7 @@ def train_tokenizer(
     show_progress: bool = False,
     min_frequency: int = 2,
 ) -> Tokenizer:
-    """Train `algo` on `texts` (consumed once, streaming) to at most `vocab_size` tokens.
+    """Train `algo` on `texts` (read once; streamed, except unigram keeps them in memory).
 
     `min_frequency`: fewest occurrences for a bpe/wordpiece merge, or for a character to get a
     token of its own in char and unigram (rarer ones are spelt in bytes). Deterministic: the

@@ -126,7 +126,9 @@ def list_states(run_dir: Path) -> list[Path]:
     root = run_dir / STATE_DIR
     if not root.is_dir():
         return []
-    dirs = [d for d in root.iterdir() if d.name.startswith("step_") and (d / "state.json").is_file()]
+    dirs = [
+        d for d in root.iterdir() if d.name.startswith("step_") and (d / "state.json").is_file()
+    ]
     return sorted(dirs, key=lambda d: d.name)
 
 
@@ -163,11 +165,16 @@ def _flatten_optimizer(
         for name, value in state.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"opt.{pid}.{name}"] = t.detach().cpu().contiguous()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
     return tensors, groups
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+def _unflatten_optimizer(
+    tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
+) -> dict[str, Any]:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not key.startswith("opt."):

@@ -7,6 +7,7 @@ here is only what would otherwise be copied between them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,7 +15,7 @@ import torch
 
 from lmforge.config import check, opt
 from lmforge.errors import UserError
-from lmforge.runtime import autocast_dtype, resolve_device
+from lmforge.runtime import autocast, autocast_dtype, resolve_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +57,42 @@ def setup_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: CUDA requested but not available")
     return device, autocast_dtype(cfg.dtype, device)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    n_micro: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    grad_clip: float,
+    step: int,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `n_micro` micro-batches; returns (mean loss, grad norm).
+
+    `forward` is the (possibly compiled) callable used for the forward pass; `model` owns the
+    parameters. The non-finite check runs before `optimizer.step`, so a NaN never reaches
+    the weights.
+    """
+    forward = forward or model
+    loss_sum = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            out = forward(x)
+        loss = loss_fn(out, y) / n_micro
+        loss.backward()
+        loss_sum += loss.detach()
+    # clip_grad_norm_ with an infinite bound measures the norm without clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    check_finite(loss_sum, step)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

@@ -26,15 +26,15 @@ from lmforge.data.corpora import Corpus, DataConfig, load_corpus
 from lmforge.data.packing import BlockSampler
 from lmforge.data.shards import build_shards, cache_root
 from lmforge.errors import UserError
-from lmforge.io import atomic_write_json
 from lmforge.evaluation.perplexity import held_out_metrics, unigram_loss
+from lmforge.io import atomic_write_json
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.objectives.lm import next_token_loss
-from lmforge.runtime import autocast, seed_everything
+from lmforge.runtime import seed_everything
 from lmforge.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from lmforge.tokenizers.config import TokenizerConfig
 from lmforge.training.checkpoint import load_state, save_model_dir, save_state
-from lmforge.training.loop import Throughput, TrainConfig, check_finite, setup_device
+from lmforge.training.loop import Throughput, TrainConfig, setup_device, train_step
 from lmforge.training.metrics import CPU_BF16_PEAK_FLOPS, MetricsWriter, decoder_flops_per_token
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import check_run_dir, run_dir
@@ -126,21 +126,22 @@ def pretrain(
         for step in range(start, cfg.train.max_steps):
             lr = lr_at(step, cfg.train.max_steps, cfg.optim)
             set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.train.grad_accum):
-                sample = (step * cfg.train.grad_accum + micro) * cfg.train.batch_size
-                x, y = sampler.batch(sample, cfg.train.batch_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, dtype):
-                    logits = fwd(x)
-                loss = next_token_loss(logits, y) / cfg.train.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            check_finite(loss_sum, step + 1)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            accum = cfg.train.grad_accum
+            loss, grad_norm = train_step(
+                model,
+                optimizer,
+                (
+                    sampler.batch((step * accum + m) * cfg.train.batch_size, cfg.train.batch_size)
+                    for m in range(accum)
+                ),
+                next_token_loss,
+                n_micro=accum,
+                device=device,
+                dtype=dtype,
+                grad_clip=cfg.optim.grad_clip,
+                step=step + 1,
+                forward=fwd,
+            )
             meter.add(tokens_per_step)
 
             done = step + 1
@@ -150,7 +151,7 @@ def pretrain(
                 tps = meter.rate()
                 row = {
                     "step": done,
-                    "loss": loss_sum.item(),
+                    "loss": loss.item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tps,

@@ -25,7 +25,8 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
         state = latest_state(out) if out.is_dir() else None
         if state is None:
             raise UserError(
-                f"{out}: nothing to resume (no complete checkpoint); start a new run without --resume"
+                f"{out}: nothing to resume (no complete checkpoint); "
+                "start a new run without --resume"
             )
         return state
     if out.exists() and not out.is_dir():

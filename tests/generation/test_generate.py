@@ -22,7 +22,9 @@ PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12]]
 def test_cache_and_no_cache_give_identical_tokens(model: Decoder, temperature: float) -> None:
     outs = []
     for use_cache in (True, False):
-        cfg = SamplingConfig(max_new_tokens=20, temperature=temperature, seed=3, use_cache=use_cache)
+        cfg = SamplingConfig(
+            max_new_tokens=20, temperature=temperature, seed=3, use_cache=use_cache
+        )
         outs.append(generate(model, PROMPTS, cfg, eos_id=None))
     assert outs[0] == outs[1]
     assert all(len(o) == 20 for o in outs[0])

@@ -73,22 +73,10 @@ def no_specials(text: str) -> bool:
 
 # Arbitrary code points plus fragments that broke naive schemes: whitespace runs, CRLF, the
 # SentencePiece space mark, "##", byte-token lookalikes, emoji and combining marks.
-_FRAGMENTS = [
-    "\r\n",
-    "  ",
-    "\t",
-    "\n\n",
-    "▁",
-    "##",
-    "#",
-    "<0x41>",
-    "<|",
-    "|>",
-    "😀",
-    "e\u0301",
-    "中文",
-    " a",
-]
+# fmt: off
+_FRAGMENTS = ["\r\n", "  ", "\t", "\n\n", "▁", "##", "#", "<0x41>", "<|", "|>", "😀", "e\u0301",
+              "中文", " a"]
+# fmt: on
 texts = st.lists(st.one_of(st.text(), st.sampled_from(_FRAGMENTS)), max_size=8).map("".join)
 
 
