@@ -163,11 +163,11 @@ class Decoder(nn.Module):
                 raise ValueError(
                     f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
                 )
-            cos = self.rope_cos[start : start + T]  # (T, hs)
-            sin = self.rope_sin[start : start + T]
+            cos = self.rope_cos[start : start + T, None]  # (T, 1, hs)
+            sin = self.rope_sin[start : start + T, None]
         else:
-            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hs)
-            sin = self.rope_sin[positions].unsqueeze(1)
+            cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, hs)
+            sin = self.rope_sin[positions].unsqueeze(2)
         x = self.tok_emb(idx)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)

@@ -33,20 +33,27 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_size: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_len, hs), for the rotate-half layout."""
+    """cos and signed sin tables, each (max_len, hs), for the rotate-half layout.
+
+    The sin table carries the rotation's sign (-sin on the first half, +sin on the second), so
+    applying it needs one swap of halves instead of a negation and a concatenation.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size))
     t = torch.arange(max_len, dtype=torch.float64)
     freqs = torch.outer(t, inv_freq)  # (max_len, hs/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, hs)
-    return emb.cos().float(), emb.sin().float()
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)  # (max_len, hs)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+    return cos.float(), sin.float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hs) by position; cos/sin are (T, hs) or (B, 1, T, hs)."""
+    """Rotate x (B, T, nh, hs) by position; cos/sin broadcast as (T, 1, hs) or (B, T, 1, hs).
+
+    Equals x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), as in Llama.
+    """
     half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # (x2, x1)
+    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -73,11 +80,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, D = x.shape
         hs, H, Hkv = self.head_size, self.n_head, self.n_kv_head
-        q, k, v = self.qkv(x).split((H * hs, Hkv * hs, Hkv * hs), dim=-1)
-        q = q.view(B, T, H, hs).transpose(1, 2)  # (B, H, T, hs)
-        k = k.view(B, T, Hkv, hs).transpose(1, 2)  # (B, Hkv, T, hs)
-        v = v.view(B, T, Hkv, hs).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, hs)
+        # Rotate q and k heads together: one set of elementwise kernels instead of two.
+        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # (B, T, H + Hkv, hs)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hs)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hs)
+        v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hs) with S = cached + T
         if Hkv != H:

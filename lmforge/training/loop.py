@@ -78,7 +78,7 @@ def train_step(
     parameters. The non-finite check runs before `optimizer.step`, so a NaN never reaches
     the weights.
     """
-    forward = forward or model
+    forward = model if forward is None else forward
     loss_sum = torch.zeros((), device=device)
     for x, y in micro_batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
