@@ -51,6 +51,33 @@ def setup(threads: int, seed: int) -> None:
     transformers.logging.set_verbosity_error()
 
 
+def hf_gpt2(*, vocab: int, context: int, n_layer: int, n_head: int, n_embd: int) -> Any:
+    """The peer model: a randomly initialised `transformers.GPT2LMHeadModel`, dropout 0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=context,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's 50256 lies outside these small vocabularies
+        eos_token_id=None,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def peer_adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW for the peers, with the fused CPU kernel where this torch build has one."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

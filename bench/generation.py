@@ -26,7 +26,16 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import base_parser, machine_info, median, result_path, setup, table, write_json
+from _common import (
+    base_parser,
+    hf_gpt2,
+    machine_info,
+    median,
+    result_path,
+    setup,
+    table,
+    write_json,
+)
 
 from lmforge.generation.generate import SamplingConfig, generate
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -57,21 +66,14 @@ def lmforge_runner(dtype: torch.dtype, new_tokens: int) -> Runner:
 
 
 def hf_runner(dtype: torch.dtype, new_tokens: int) -> Runner:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        vocab_size=SHAPE["vocab"],
-        n_positions=SHAPE["context"],
-        n_embd=SHAPE["n_embd"],
+    model = hf_gpt2(
+        vocab=SHAPE["vocab"],
+        context=SHAPE["context"],
         n_layer=SHAPE["n_layer"],
         n_head=SHAPE["n_head"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,
-        eos_token_id=None,
+        n_embd=SHAPE["n_embd"],
     )
-    model = GPT2LMHeadModel(cfg).to(dtype).eval()
+    model = model.to(dtype).eval()
 
     def run(prompts: torch.Tensor) -> torch.Tensor:
         out = model.generate(

@@ -8,7 +8,8 @@ on the reference machine; it is only a common yardstick, also for fp32 runs).
 lmforge is built exactly as `lmforge.training.pretrain` builds it: `Decoder(DecoderConfig)`,
 `build_optimizer(model, OptimConfig())`, autocast dtype from `autocast_dtype("auto", cpu)`, and
 each step is `train_step(...)`; measured eager and with `forward=torch.compile(model)` (compile
-time reported separately, excluded from tokens/s; `--no-compile` skips it).
+time = first step minus a typical step, reported separately and excluded from tokens/s; with a
+cold TorchInductor cache unless `--keep-inductor-cache`; `--no-compile` skips the variant).
 
 Peer: `transformers.GPT2LMHeadModel` with the same n_layer/n_head/n_embd/vocab/context, dropout
 0, in a plain PyTorch loop (logits -> float32 cross-entropy, backward, clip_grad_norm_ 1.0,
@@ -27,22 +28,15 @@ Data: none (random tokens). Results: bench/results/train_throughput.json.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import _common as common
 import torch
 import torch.nn.functional as F
-from _common import (
-    CPU_PEAK_FLOPS,
-    base_parser,
-    machine_info,
-    median,
-    result_path,
-    setup,
-    table,
-    write_json,
-)
 
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.objectives.lm import next_token_loss
@@ -112,26 +106,11 @@ def lmforge_step(s: Shape, compiled: bool) -> Callable[[torch.Tensor, torch.Tens
 
 
 def gpt2_step(s: Shape, bf16: bool) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        vocab_size=s.vocab,
-        n_positions=s.context,
-        n_embd=s.n_embd,
-        n_layer=s.n_layer,
-        n_head=s.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,
-        eos_token_id=None,
+    model = common.hf_gpt2(
+        vocab=s.vocab, context=s.context, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd
     )
-    model = GPT2LMHeadModel(cfg)
     model.train()
-    try:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = common.peer_adamw(model.parameters(), lr=1e-3)
 
     def step(x: torch.Tensor, y: torch.Tensor, i: int) -> None:
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
@@ -146,16 +125,20 @@ def gpt2_step(s: Shape, bf16: bool) -> Callable[[torch.Tensor, torch.Tensor, int
 
 
 def main() -> None:
-    p = base_parser(__doc__)
+    p = common.base_parser(__doc__)
     p.add_argument("--shapes", default="large,baby", help="comma-separated: large,baby")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per repeat")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--keep-inductor-cache", action="store_true", help="warm torch.compile cache")
     args = p.parse_args()
     if args.quick:
         args.steps, args.warmup, args.repeats = 3, 1, 1
     args.warmup = max(args.warmup, 1)  # the first step of a compiled model is its compile
-    setup(args.threads, args.seed)
+    common.setup(args.threads, args.seed)
+    inductor_dir = tempfile.TemporaryDirectory(prefix="lmforge-bench-")  # removed at exit
+    if not args.keep_inductor_cache:  # compile time as a first run on a machine pays it
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir.name
 
     results = {}
     for name in args.shapes.split(","):
@@ -174,21 +157,23 @@ def main() -> None:
         steps["hf_bf16"] = gpt2_step(s, bf16=True)
         order = list(steps)
         times: dict[str, list[list[float]]] = {v: [] for v in order}
-        compile_s = None
+        first_step_s = None
         for r in range(args.repeats):
             for v in order:
                 for i in range(args.warmup):
                     t0 = time.perf_counter()
                     steps[v](x, y, i)
                     if r == 0 and i == 0 and v == "lmforge_compile":
-                        compile_s = time.perf_counter() - t0
+                        first_step_s = time.perf_counter() - t0
                 rep = []
                 for i in range(args.steps):
                     t0 = time.perf_counter()
                     steps[v](x, y, i)
                     rep.append(time.perf_counter() - t0)
                 times[v].append(rep)
-                print(f"  repeat {r + 1} {v}: {s.batch * s.context / median(rep):,.0f} tok/s")
+                print(
+                    f"  repeat {r + 1} {v}: {s.batch * s.context / common.median(rep):,.0f} tok/s"
+                )
 
         flops_ours = decoder_flops_per_token(decoder_config(s), s.context)
         flops = {
@@ -196,21 +181,25 @@ def main() -> None:
         }
         out = {}
         for v in order:
-            med = median([t for rep in times[v] for t in rep])
+            med = common.median([t for rep in times[v] for t in rep])
             tps = s.batch * s.context / med
             out[v] = {
                 "step_s_raw": times[v],
                 "step_s_median": med,
                 "tokens_per_s": tps,
                 "flops_per_token": flops[v],
-                "mfu": tps * flops[v] / CPU_PEAK_FLOPS,
+                "mfu": tps * flops[v] / common.CPU_PEAK_FLOPS,
             }
+        compile_s = None
+        if first_step_s is not None:  # the first step's excess over a typical step
+            compile_s = first_step_s - out["lmforge_compile"]["step_s_median"]
         ours = max(out[v]["tokens_per_s"] for v in out if v.startswith("lmforge"))
         peer = max(out["hf_fp32"]["tokens_per_s"], out["hf_bf16"]["tokens_per_s"])
         results[name] = {
             "shape": s.__dict__,
             "lmforge_autocast": str(autocast_dtype("auto", torch.device("cpu"))),
-            "compile_s": compile_s,  # first step of the compiled model: compile + one step
+            "compile_s": compile_s,
+            "compile_first_step_s": first_step_s,
             "variants": out,
             "lmforge_best_tokens_per_s": ours,
             "peer_best_tokens_per_s": peer,
@@ -222,12 +211,12 @@ def main() -> None:
     payload = {
         "benchmark": "train_throughput",
         "quick": args.quick,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "settings": vars(args),
         "target": f"lmforge best >= {TARGET}x peer best tokens/s at every shape",
         "results": results,
     }
-    write_json(result_path("train_throughput", args.quick), payload)
+    common.write_json(common.result_path("train_throughput", args.quick), payload)
     rows = []
     for name, res in results.items():
         for v, o in res["variants"].items():
@@ -237,7 +226,7 @@ def main() -> None:
         rows.append([name, "ratio best/best", f"{res['ratio']:.2f}x", f"target {TARGET}x", ""])
         if res["compile_s"] is not None:
             rows.append([name, "compile time", f"{res['compile_s']:.1f} s", "", ""])
-    print(table(["shape", "variant", "tok/s", "MFU", "step s"], rows))
+    print(common.table(["shape", "variant", "tok/s", "MFU", "step s"], rows))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def pretrain(
         model.train()
         for step in range(start, cfg.train.max_steps):
             lr = lr_at(step, cfg.train.max_steps, cfg.optim)
-            set_lr(optimizer, lr)
+            set_lr(optimizer, lr, cfg.optim.lr)
             accum = cfg.train.grad_accum
             loss, grad_norm = train_step(
                 model,
@@ -172,7 +172,10 @@ def pretrain(
                         dtype,
                     )
                 )
-                bar.write(f"step {done}: val_loss {row['val_loss']:.4f} bpb {row['val_bpb']:.3f}")
+                if progress:
+                    bar.write(
+                        f"step {done}: val_loss {row['val_loss']:.4f} bpb {row['val_bpb']:.3f}"
+                    )
             if row:
                 metrics.log(row)
                 last.update(row)

@@ -90,3 +90,28 @@ def test_sigkill_then_resume_reproduces_losses_bit_for_bit(tmp_path: Path) -> No
     assert resumed.returncode == 0, resumed.stderr
     assert losses(out) == losses(ref)  # exact float equality, every step 1..40
     assert sorted(losses(out)) == list(range(1, 41))
+
+
+def test_muon_learns_and_resumes_exactly(tmp_path: Path) -> None:
+    muon = ("optim.name=muon", "train.max_steps=12", "train.ckpt_every=6")
+    ref = tmp_path / "ref"
+    run(ref, *muon)
+    part = tmp_path / "part"
+    with pytest.MonkeyPatch.context() as mp:  # stop right after the first checkpoint
+        import lmforge.training.pretrain as P
+
+        real = P.save_state
+
+        def save_then_stop(*a: object, **k: object) -> object:
+            path = real(*a, **k)  # type: ignore[arg-type]
+            raise KeyboardInterrupt
+            return path
+
+        mp.setattr(P, "save_state", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run(part, *muon)
+    assert max(losses(part)) == 6
+    run(part, *muon, resume=True)
+    assert losses(part) == losses(ref)
+    first, last = losses(ref)[1], losses(ref)[12]
+    assert last < first - 0.3
