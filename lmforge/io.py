@@ -33,7 +33,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     def write(p: Path) -> None:
-        p.write_text(text, encoding="utf-8")
+        p.write_text(text, encoding="utf-8", newline="")
 
     atomic_write(path, write)
 

@@ -151,3 +151,14 @@ def test_tokenizer_and_generate_commands(
     )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in lines] == ["Mia", "3 plus"]
+
+
+def test_world_command_writes_inspectable_corpus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "w"
+    assert main(["world", "--out", str(out), "n_docs=50", "seed=3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["n_train"] and {"text", "kind"} <= set(rows[0])
+    fails(capsys, "world", "--out", str(out))  # never overwrites

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import operator
-import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from typing import Any
 
 from lmforge.config import check, opt, to_dict
 from lmforge.errors import UserError
+from lmforge.io import atomic_write_text
 
 # --------------------------------------------------------------------------------------------
 # Lexicon: fixed across seeds, so a tokenizer trained on one world fits every world.
@@ -428,7 +427,7 @@ def write_world(cfg: WorldConfig, out_dir: Path) -> dict[str, Any]:
         lines = (
             json.dumps({"text": t, "kind": k}) + "\n" for t, k in zip(docs, kinds, strict=True)
         )
-        _write_atomic(out_dir / f"{split}.jsonl", "".join(lines))
+        atomic_write_text(out_dir / f"{split}.jsonl", "".join(lines))
     summary = {
         "n_train": len(corpus.train),
         "n_val": len(corpus.val),
@@ -438,17 +437,5 @@ def write_world(cfg: WorldConfig, out_dir: Path) -> dict[str, Any]:
         },
     }
     meta = {"config": to_dict(cfg), **summary, "entities": World.from_seed(cfg.seed).tables()}
-    _write_atomic(out_dir / "world.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out_dir / "world.json", json.dumps(meta, indent=2) + "\n")
     return summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import UserError, where
+from lmforge.io import atomic_write_text
 from lmforge.tokenizers.algos import ALGOS, SPECIAL_TOKENS, Algo
 
 FORMAT_VERSION = 1
@@ -147,21 +146,8 @@ class Tokenizer:
         }
         # tokenizer.json first: a crash in between leaves a fingerprint mismatch, not a
         # silently different tokenizer.
-        _write_atomic(out_dir / TOKENIZER_FILE, self._json)
-        _write_atomic(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_text(out_dir / TOKENIZER_FILE, self._json)
+        atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from lmforge.runtime import autocast, autocast_dtype, resolve_device
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    max_steps: int = opt(1000, "optimizer steps to train for")
+    max_steps: int = opt(600, "optimizer steps to train for")
     batch_size: int = opt(16, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     block_size: int = opt(0, "tokens per training sequence; 0 means model.max_seq_len")
@@ -32,9 +32,9 @@ class TrainConfig:
     threads: int = opt(0, "CPU threads for PyTorch; 0 keeps PyTorch's default")
     seed: int = opt(0, "seed for initialisation, data order and dropout")
     log_every: int = opt(10, "write a metrics row every N steps")
-    eval_every: int = opt(250, "evaluate on held-out data every N steps (and at the end)")
+    eval_every: int = opt(200, "evaluate on held-out data every N steps (and at the end)")
     eval_blocks: int = opt(64, "held-out blocks per evaluation")
-    ckpt_every: int = opt(250, "save resume state every N steps (and at the end)")
+    ckpt_every: int = opt(200, "save resume state every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "resume states kept on disk (the newest ones)")
 
     def __post_init__(self) -> None:
