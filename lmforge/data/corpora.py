@@ -58,13 +58,6 @@ class Corpus:
     val: list[str]
     fingerprint: str  # sha256 of the exact text, split and all: the cache key for shards
 
-    @property
-    def n_bytes(self) -> tuple[int, int]:
-        return (
-            sum(len(d.encode("utf-8")) for d in self.train),
-            sum(len(d.encode("utf-8")) for d in self.val),
-        )
-
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Read and validate every input; split off held-out text."""
