@@ -22,7 +22,7 @@ from lmforge.data.world import WorldConfig, write_world
 from lmforge.errors import UserError
 from lmforge.generation.generate import SamplingConfig
 from lmforge.generation.generate import generate as run_generate
-from lmforge.tokenizers import load_tokenizer, min_vocab_size, train_tokenizer
+from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.training.checkpoint import load_decoder
 from lmforge.training.pretrain import PretrainConfig
 from lmforge.training.pretrain import pretrain as run_pretrain
@@ -105,11 +105,7 @@ def tokenizer_train(
     """
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: already exists; use --overwrite to replace it")
-    if vocab_size < min_vocab_size(algo):
-        raise UserError(
-            f"--vocab-size {vocab_size} is too small for {algo}: "
-            f"it needs at least {min_vocab_size(algo)}"
-        )
+    check_vocab_size(algo, vocab_size)
     data = C.build(DataConfig, {"inputs": list(inputs or ("world",)), "text_field": text_field})
     corpus = load_corpus(data)
     tok = train_tokenizer(algo, corpus.train, vocab_size, show_progress=True)

@@ -81,3 +81,12 @@ def test_every_option_is_documented_and_round_trips() -> None:
     assert all(help_ for *_, help_ in rows), [k for k, *_, h in rows if not h]
     cfg = PretrainConfig()
     assert C.from_dict(PretrainConfig, C.to_dict(cfg), "saved") == cfg
+
+
+def test_every_shipped_config_loads() -> None:
+    root = Path(__file__).parents[1]
+    shipped = sorted(root.glob("bench/configs/*.toml")) + sorted(root.glob("recipes/*.toml"))
+    assert shipped, "no shipped configs found"
+    for path in shipped:
+        cfg = C.load(PretrainConfig, path)
+        assert cfg.model.max_seq_len >= cfg.block_size

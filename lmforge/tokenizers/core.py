@@ -166,6 +166,16 @@ def min_vocab_size(algo: str) -> int:
     return _get_algo(algo).min_vocab
 
 
+def check_vocab_size(algo: str, vocab_size: int) -> None:
+    """UserError unless `algo` can be trained with `vocab_size` (call before reading a corpus)."""
+    spec = _get_algo(algo)
+    if vocab_size < spec.min_vocab:
+        raise UserError(
+            f"vocab_size {vocab_size} is too small for {algo}: "
+            f"it needs at least {spec.min_vocab} ({spec.min_vocab_why})"
+        )
+
+
 def train_tokenizer(
     algo: str,
     texts: Iterable[str],
@@ -180,12 +190,8 @@ def train_tokenizer(
     token of its own in char and unigram (rarer ones are spelt in bytes). Deterministic: the
     same texts and arguments give the same fingerprint.
     """
+    check_vocab_size(algo, vocab_size)
     spec = _get_algo(algo)
-    if vocab_size < spec.min_vocab:
-        raise UserError(
-            f"vocab_size {vocab_size} is too small for {algo}: "
-            f"it needs at least {spec.min_vocab} ({spec.min_vocab_why})"
-        )
     if min_frequency < 1:
         raise UserError(f"min_frequency must be >= 1 (got {min_frequency})")
     corpus = _non_empty(texts)

@@ -31,7 +31,7 @@ from lmforge.io import atomic_write_json
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.objectives.lm import next_token_loss
 from lmforge.runtime import seed_everything
-from lmforge.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from lmforge.tokenizers import Tokenizer, check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.tokenizers.config import TokenizerConfig
 from lmforge.training.checkpoint import load_state, save_model_dir, save_state
 from lmforge.training.loop import Throughput, TrainConfig, setup_device, train_step
@@ -73,6 +73,8 @@ def pretrain(
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
     if state is not None:
         cfg = _check_resume_config(cfg, out)
+    if not cfg.tokenizer.path and state is None:
+        check_vocab_size(cfg.tokenizer.algo, cfg.tokenizer.vocab_size)  # before reading text
     corpus = load_corpus(cfg.data)
     tokenizer = build_tokenizer(cfg, corpus, out if resume else None, progress)
     data = build_shards(corpus, tokenizer, cfg.data.cache_dir, progress)
