@@ -24,8 +24,9 @@ from lmforge.generation.generate import SamplingConfig
 from lmforge.generation.generate import generate as run_generate
 from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.training.checkpoint import load_decoder
-from lmforge.training.pretrain import PretrainConfig
+from lmforge.training.pretrain import PretrainConfig, resume_config
 from lmforge.training.pretrain import pretrain as run_pretrain
+from lmforge.training.rundir import check_new_output
 
 
 def _options_epilog(cls: type) -> str:
@@ -74,8 +75,7 @@ def cli() -> None:
 def world(out: Path, config_file: Path | None, overrides: tuple[str, ...]) -> None:
     """Write the built-in task world's corpus to OUT for inspection."""
     cfg = C.load(WorldConfig, config_file, overrides)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty")
+    check_new_output(out)
     summary = write_world(cfg, out)
     click.echo(json.dumps(summary, indent=2))
 
@@ -103,8 +103,7 @@ def tokenizer_train(
 
     A tenth of the text is held out to report compression (bytes per token).
     """
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already exists; use --overwrite to replace it")
+    check_new_output(out, overwrite=overwrite)
     check_vocab_size(algo, vocab_size)
     data = C.build(DataConfig, {"inputs": list(inputs or ("world",)), "text_field": text_field})
     corpus = load_corpus(data)
@@ -161,7 +160,10 @@ def pretrain(
     overrides: tuple[str, ...],
 ) -> None:
     """Pretrain a decoder-only model with next-token prediction (default: the task world)."""
-    cfg = C.load(PretrainConfig, config_file, overrides)
+    if resume:  # continue from the run's saved config; the file and overrides change it
+        cfg = resume_config(out, config_file, overrides)
+    else:
+        cfg = C.load(PretrainConfig, config_file, overrides)
     last = run_pretrain(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     keys = ("step", "loss", "val_loss", "val_bpb", "tokens_per_s")
     click.echo(json.dumps({k: last[k] for k in keys if k in last}))
@@ -203,7 +205,7 @@ def generate(
             "seed": seed,
             "use_cache": not no_cache,
         },
-        source="command line",
+        source="generate options",
     )
     model, tok, _ = load_decoder(model_dir)
     ids = [tok.encode(p, add_bos=False) for p in prompts]
@@ -230,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rv if isinstance(rv, int) else 0
     except UserError as e:
         _fail(str(e))
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `lmforge` or `lmforge tokenizer`
+        click.echo(e.ctx.get_help())
+        return 0
     except click.ClickException as e:
         _fail(e.format_message())
     except click.exceptions.Abort:

@@ -13,6 +13,7 @@ its own invariants in `__post_init__` via `check(...)`; a failure there is re-ra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -93,7 +94,7 @@ def _read_text(p: Path) -> str:
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Merge `a.b.c=value` strings into a nested dict (values stay strings until typed)."""
-    out = json.loads(json.dumps(data))  # deep copy of plain data
+    out = copy.deepcopy(data)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -125,13 +126,32 @@ def build(cls: type[T], data: dict[str, Any] | None = None, source: str = "confi
         raise UserError(f"{source}: field '{e.path}': {e.message}") from None
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
-    """Load a config from an optional TOML/YAML file plus dotted overrides."""
-    data = read_config_file(path) if path else {}
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update` laid over it, section by section."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    base: dict[str, Any] | None = None,
+    source: str | None = None,
+) -> T:
+    """Load a config from an optional TOML/YAML file plus dotted overrides, laid over `base`
+    (a saved config, when continuing a run) or the defaults."""
+    data = merge(base or {}, read_config_file(path) if path else {})
     data = apply_overrides(data, overrides)
-    source = str(path) if path else "command line"
-    if path and overrides:
-        source = f"{path} (with command-line overrides)"
+    if source is None:
+        source = str(path) if path else "command line"
+        if path and overrides:
+            source = f"{path} (with command-line overrides)"
     return build(cls, data, source)
 
 
@@ -227,6 +247,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 raise _PathError(path, f"expected a number (got {value!r})") from None
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise _PathError(path, f"expected a number (got {value!r})")
     if tp is str:
         if isinstance(value, str):
@@ -242,11 +267,6 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config (tuples become lists), for JSON."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def from_dict(cls: type[T], data: dict[str, Any], source: str) -> T:
-    """Rebuild a config saved with `to_dict` (e.g. from a checkpoint's config.json)."""
-    return build(cls, data, source)
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -162,3 +162,42 @@ def test_world_command_writes_inspectable_corpus(
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == summary["n_train"] and {"text", "kind"} <= set(rows[0])
     fails(capsys, "world", "--out", str(out))  # never overwrites
+
+
+def test_validation_split_too_small_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "small.txt").write_text("tiny held-out text")
+    err = pretrain_fails(capsys, tmp_path / "run", f"data.val_inputs={tmp_path}/small.txt")
+    assert "validation split" in err
+
+
+def test_failed_run_empties_the_existing_empty_folder_it_was_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "small.txt").write_text("tiny held-out text")
+    fails(capsys, "pretrain", "--quiet", "--out", str(out), *TINY_PRETRAIN,
+          f"data.val_inputs={tmp_path}/small.txt")  # fmt: skip
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_output_path_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    assert "is not a folder" in fails(capsys, "world", "--out", str(f))
+    assert "is not a folder" in fails(capsys, "tokenizer", "train", "--out", str(f))
+    assert f.read_text() == "mine"
+
+
+def test_bare_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    assert "pretrain" in capsys.readouterr().out
+
+
+def test_multi_process_launch_is_refused_for_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "multi-process training is not supported" in pretrain_fails(capsys, tmp_path / "r")

@@ -80,7 +80,7 @@ def test_every_option_is_documented_and_round_trips() -> None:
     assert len(rows) > 40
     assert all(help_ for *_, help_ in rows), [k for k, *_, h in rows if not h]
     cfg = PretrainConfig()
-    assert C.from_dict(PretrainConfig, C.to_dict(cfg), "saved") == cfg
+    assert C.build(PretrainConfig, C.to_dict(cfg), "saved") == cfg
 
 
 def test_every_shipped_config_loads() -> None:
@@ -90,3 +90,13 @@ def test_every_shipped_config_loads() -> None:
     for path in shipped:
         cfg = C.load(PretrainConfig, path)
         assert cfg.model.max_seq_len >= cfg.block_size
+
+
+def test_yaml_exponent_floats_and_toml_dates(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("rate: 1e-3\n")  # YAML 1.1 reads this as a string
+    assert C.load(Outer, y).rate == 0.001
+    t = tmp_path / "c.toml"
+    t.write_text("rate = 2024-01-01\n")
+    with pytest.raises(UserError, match="field 'rate': expected a number"):
+        C.load(Outer, t)

@@ -151,16 +151,18 @@ def _read_utf8(path: Path) -> str:
 
 def _split_txt(text: str, mode: str) -> Iterator[str]:
     if mode == "file":
-        if text:
-            yield text
-    elif mode == "line":
-        yield from (line for line in text.splitlines() if line.strip())
+        yield from [text] if text else []
+        return
+    text = text.replace("\r\n", "\n")
+    if mode == "line":
+        yield from (line for line in text.split("\n") if line.strip())
     else:
         yield from (p.strip("\n") for p in text.split("\n\n") if p.strip())
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    for i, line in enumerate(_read_utf8(path).splitlines(), start=1):
+    # Split on \n only: str.splitlines would also cut at U+2028/U+0085 inside JSON strings.
+    for i, line in enumerate(_read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -16,7 +16,7 @@ from lmforge.errors import UserError
 
 
 class BlockSampler:
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, split: str = "train"):
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int):
         self.tokens = tokens
         self.block_size = block_size
         self.seed = seed
@@ -24,7 +24,7 @@ class BlockSampler:
         self.n_blocks = (len(tokens) - block_size) // block_size
         if self.n_blocks < 1:
             raise UserError(
-                f"{split} split has {len(tokens)} tokens: too few for one block of "
+                f"training split has {len(tokens)} tokens: too few for one block of "
                 f"block_size={block_size} (+1); use more text or a smaller train.block_size"
             )
         self._epoch = -1

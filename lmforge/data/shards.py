@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.data.corpora import Corpus
-from lmforge.io import fsync_dir
+from lmforge.io import atomic_dir
 from lmforge.tokenizers import Tokenizer
 
 SHARD_FORMAT = 1
@@ -42,7 +41,6 @@ class TokenSplit:
 class TokenData:
     train: TokenSplit
     val: TokenSplit
-    path: Path
     reused: bool  # True when the cache already held these shards
 
 
@@ -65,23 +63,12 @@ def build_shards(
     reused = (path / "meta.json").is_file()
     if not reused:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with atomic_dir(path) as tmp:
             dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-            meta = {"format": SHARD_FORMAT, "dtype": np.dtype(dtype).name}
+            meta: dict[str, object] = {"format": SHARD_FORMAT, "dtype": np.dtype(dtype).name}
             for name, docs in (("train", corpus.train), ("val", corpus.val)):
                 meta[name] = _write_split(tmp, name, docs, tokenizer, dtype, progress)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            if path.exists():  # a concurrent run finished first; theirs is identical
-                shutil.rmtree(tmp)
-            else:
-                os.rename(tmp, path)
-                fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return load_shards(path, reused)
 
 
@@ -99,7 +86,7 @@ def load_shards(path: Path, reused: bool = True) -> TokenData:
         starts = np.load(path / f"{name}.docs.npy", allow_pickle=False)
         return TokenSplit(tokens=tokens, doc_starts=starts, n_bytes=meta[name]["n_bytes"])
 
-    return TokenData(train=split("train"), val=split("val"), path=path, reused=reused)
+    return TokenData(train=split("train"), val=split("val"), reused=reused)
 
 
 def _write_split(
@@ -119,8 +106,6 @@ def _write_split(
                 f.write(np.asarray(ids, dtype=dtype).tobytes())
             n_bytes += sum(len(d.encode("utf-8")) for d in chunk)
             bar.update(len(chunk))
-        f.flush()
-        os.fsync(f.fileno())
     bar.close()
     np.save(out / f"{name}.docs.npy", np.asarray(starts, dtype=np.int64), allow_pickle=False)
     return {"n_tokens": n_tokens, "n_docs": len(docs), "n_bytes": n_bytes}

@@ -52,7 +52,7 @@ def generate(
     device = model.tok_emb.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     limit = model.cfg.max_seq_len
-    if P + cfg.max_new_tokens > limit:
+    if P + cfg.max_new_tokens - 1 > limit:  # the last new token is never fed back
         raise UserError(
             f"prompt of {P} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
             f"context of {limit} tokens"

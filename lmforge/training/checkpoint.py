@@ -13,7 +13,6 @@ Two artefacts, both safetensors plus JSON, never pickle:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from lmforge.config import from_dict
+from lmforge.config import build
 from lmforge.errors import UserError
-from lmforge.io import atomic_write, atomic_write_json, fsync_dir
+from lmforge.io import atomic_dir, atomic_write, atomic_write_json
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.tokenizers import Tokenizer, load_tokenizer
 
@@ -94,27 +93,17 @@ def save_state(
     keep: int = 2,
 ) -> Path:
     """Write resume state for `step` (steps completed) and prune to the newest `keep`."""
-    final = _step_dir(run_dir, step)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
     tensors, groups = _flatten_optimizer(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    save_model(_unwrap(model), str(tmp / "model.safetensors"))
-    save_file(tensors, str(tmp / "optim.safetensors"))
     meta = {"format_version": FORMAT_VERSION, "step": step, "param_groups": groups, **extra}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # re-saving the same step (e.g. the final step after a resume)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
+    final = _step_dir(run_dir, step)
+    with atomic_dir(final) as tmp:
+        save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "optim.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     for old in list_states(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -192,7 +181,7 @@ def load_decoder(
     config = read_config_json(model_dir)
     if config.get("family") != "decoder":
         raise UserError(f"{model_dir}: holds a '{config.get('family')}' model, not a decoder")
-    model_cfg = from_dict(DecoderConfig, config["model"], str(model_dir / "config.json"))
+    model_cfg = build(DecoderConfig, config["model"], str(model_dir / "config.json"))
     tokenizer = load_tokenizer(model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size)
     model = Decoder(model_cfg)
     load_model_weights(model, model_dir / "model.safetensors")

@@ -6,6 +6,7 @@ here is only what would otherwise be copied between them.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -48,6 +49,14 @@ class TrainConfig:
 
 
 def setup_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # Each process would train the whole run and write the same files; refuse until the
+        # distributed module (DDP/FSDP) exists.
+        raise UserError(
+            f"WORLD_SIZE={world}: multi-process training is not supported yet; "
+            "run one process (torchrun --nproc-per-node 1 works)"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
@@ -89,17 +98,18 @@ def train_step(
         loss_sum += loss.detach()
     # clip_grad_norm_ with an infinite bound measures the norm without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    check_finite(loss_sum, step)
+    check_finite(loss_sum, step, "loss")
+    check_finite(grad_norm, step, "gradient norm")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
+def check_finite(value: torch.Tensor, step: int, what: str) -> None:
+    if not torch.isfinite(value):
         raise UserError(
-            f"step {step}: loss became {loss.item()} (training diverged); "
-            "lower optim.lr or raise optim.warmup_steps"
+            f"step {step}: {what} became {value.item()} (training diverged; the update was "
+            "not applied); lower optim.lr or raise optim.warmup_steps"
         )
 
 
@@ -112,6 +122,10 @@ class Throughput:
 
     def add(self, n: int) -> None:
         self.tokens += n
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training steps (evaluation, checkpoints) out of the rate."""
+        self.t0 += seconds
 
     def rate(self) -> float:
         now = time.perf_counter()

@@ -7,7 +7,6 @@ is cut back to the checkpoint's step so that a killed run leaves no duplicate or
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -54,7 +53,3 @@ def decoder_flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
     mlp = 3 * D * cfg.ff_width
     n_matmul = L * (attn + mlp) + D * cfg.vocab_size
     return 6 * n_matmul + 12 * L * D * seq_len
-
-
-def bits_per_byte(loss_nats: float, tokens_per_byte: float) -> float:
-    return loss_nats / math.log(2) * tokens_per_byte

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,21 +22,27 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmforge.config import check, from_dict, opt, to_dict
+from lmforge.config import check, opt, to_dict
+from lmforge.config import load as load_config
 from lmforge.data.corpora import Corpus, DataConfig, load_corpus
-from lmforge.data.packing import BlockSampler
+from lmforge.data.packing import BlockSampler, eval_blocks
 from lmforge.data.shards import build_shards, cache_root
 from lmforge.errors import UserError
 from lmforge.evaluation.perplexity import held_out_metrics, unigram_loss
-from lmforge.io import atomic_write_json
+from lmforge.io import atomic_dir, atomic_write_json
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.objectives.lm import next_token_loss
-from lmforge.runtime import seed_everything
+from lmforge.runtime import DTYPES, seed_everything
 from lmforge.tokenizers import Tokenizer, check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.tokenizers.config import TokenizerConfig
 from lmforge.training.checkpoint import load_state, save_model_dir, save_state
 from lmforge.training.loop import Throughput, TrainConfig, setup_device, train_step
-from lmforge.training.metrics import CPU_BF16_PEAK_FLOPS, MetricsWriter, decoder_flops_per_token
+from lmforge.training.metrics import (
+    CPU_BF16_PEAK_FLOPS,
+    MetricsWriter,
+    decoder_flops_per_token,
+    read_metrics,
+)
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import check_run_dir, run_dir
 
@@ -69,10 +76,14 @@ def pretrain(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the pretraining stage into `out`; return the final metrics row."""
+    """Run the pretraining stage into `out`; return the final metrics row.
+
+    With `resume`, `cfg` must equal the run's saved config except for the options in
+    `RESUMABLE` (see `resume_config`, which builds it from the saved one).
+    """
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
     if state is not None:
-        cfg = _check_resume_config(cfg, out)
+        check_resume_config(cfg, out)
     if not cfg.tokenizer.path and state is None:
         check_vocab_size(cfg.tokenizer.algo, cfg.tokenizer.vocab_size)  # before reading text
     corpus = load_corpus(cfg.data)
@@ -84,6 +95,7 @@ def pretrain(
     model = Decoder(model_cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     sampler = BlockSampler(data.train.tokens, cfg.block_size, cfg.train.seed)
+    eval_blocks(data.val.tokens, cfg.block_size, cfg.train.eval_blocks)  # fail now, not at eval
     fwd = torch.compile(model) if cfg.train.compile else model
     run_config = {"stage": "pretrain", "family": "decoder", "run": to_dict(cfg)}
     run_config["model"] = to_dict(model_cfg)
@@ -92,10 +104,12 @@ def pretrain(
     with run_dir(out, fresh=state is None, overwrite=overwrite):
         start = 0
         if state is not None:
-            start = load_state(state, model, optimizer)["step"]
+            saved = load_state(state, model, optimizer)
+            start = saved["step"]
+            dtype = DTYPES[saved["autocast"]]  # the measured choice stays fixed for exact resume
         else:
             tokenizer.save(out / "tokenizer")
-            atomic_write_json(out / "run_config.json", run_config)
+        atomic_write_json(out / "run_config.json", run_config)
         metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start if state else None)
         flops_per_token = decoder_flops_per_token(model_cfg, cfg.block_size)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.block_size
@@ -112,6 +126,10 @@ def pretrain(
                 }
             )
         print_summary(model, cfg, data.reused, dtype, device, start, progress)
+        if start >= cfg.train.max_steps:
+            metrics.close()
+            tqdm.write(f"{out}: already complete at step {start} (raise train.max_steps to extend)")
+            return _final_row(out)
 
         bar = tqdm(
             total=cfg.train.max_steps,
@@ -161,6 +179,7 @@ def pretrain(
                     "elapsed_s": time.perf_counter() - t_start,
                 }
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            t_pause = time.perf_counter()
             if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
                 row.setdefault("step", done)
                 row.update(
@@ -187,10 +206,11 @@ def pretrain(
                     done,
                     model,
                     optimizer,
-                    {"stage": "pretrain"},
+                    {"stage": "pretrain", "autocast": str(dtype).removeprefix("torch.")},
                     keep=cfg.train.keep_checkpoints,
                 )
                 save_model_dir(out, model, {**run_config, "step": done})
+            meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()
     return last
@@ -207,10 +227,15 @@ def build_tokenizer(
         return load_tokenizer(tc.path)
     key = hashlib.sha256(f"{corpus.fingerprint}:{tc.algo}:{tc.vocab_size}".encode()).hexdigest()
     cached = cache_root(cfg.data.cache_dir) / "tokenizers" / key[:24]
-    if (cached / "tokenizer.json").is_file():
-        return load_tokenizer(cached)
+    if cached.is_dir():
+        try:
+            return load_tokenizer(cached)
+        except UserError:
+            pass  # a damaged cache entry is retrained and replaced, never trusted
     tok = train_tokenizer(tc.algo, corpus.train, tc.vocab_size, show_progress=progress)
-    tok.save(cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(cached) as tmp:
+        tok.save(tmp)
     return tok
 
 
@@ -225,16 +250,63 @@ def resolve_model_config(model: DecoderConfig, tokenizer: Tokenizer) -> DecoderC
     return model
 
 
-def _check_resume_config(cfg: PretrainConfig, out: Path) -> PretrainConfig:
-    """On resume, the run's saved config wins; a differing command line is refused."""
-    saved = json.loads((out / "run_config.json").read_text(encoding="utf-8"))["run"]
-    saved_cfg = from_dict(PretrainConfig, saved, str(out / "run_config.json"))
-    if to_dict(cfg) != to_dict(PretrainConfig()) and to_dict(cfg) != saved:
+# Options that may change when a run is continued: its length and its bookkeeping. Anything
+# else would make the resumed run a different experiment from the one its checkpoint belongs to.
+RESUMABLE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_blocks",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+)
+
+
+def saved_run_config(out: Path) -> dict[str, Any]:
+    path = out / "run_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["run"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise UserError(f"{path}: cannot read the run's saved config ({e})") from None
+
+
+def resume_config(
+    out: Path, config_file: Path | None = None, overrides: Sequence[str] = ()
+) -> PretrainConfig:
+    """The saved config of the run in `out`, with a config file and overrides laid over it."""
+    source = f"{out / 'run_config.json'} (resumed)"
+    return load_config(
+        PretrainConfig, config_file, overrides, base=saved_run_config(out), source=source
+    )
+
+
+def check_resume_config(cfg: PretrainConfig, out: Path) -> None:
+    changed = _diff(to_dict(cfg), saved_run_config(out))
+    fixed = [k for k in changed if k not in RESUMABLE]
+    if fixed:
         raise UserError(
-            f"{out}: --resume continues the run with its saved config; "
-            "drop --config and overrides (or start a new run)"
+            f"{out}: --resume cannot change {', '.join(fixed)} (only {', '.join(RESUMABLE)}); "
+            "start a new run to change them"
         )
-    return saved_cfg
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, prefix + k + ".")
+        elif va != vb:
+            out.append(prefix + k)
+    return out
+
+
+def _final_row(out: Path) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    for row in read_metrics(out / "metrics.jsonl"):
+        last.update(row)
+    return last
 
 
 def print_summary(

@@ -2,8 +2,8 @@
 
 - A fresh run refuses an existing non-empty folder unless `overwrite` is set; `--resume`
   requires a folder with a complete checkpoint.
-- The folder is created only after all input has been validated (the caller's job), and if the
-  stage fails before its first checkpoint, a folder this call created is removed again.
+- The folder is created only after all input has been validated (the caller's job), and if a
+  fresh run fails before its first checkpoint, what it wrote is removed again.
 """
 
 from __future__ import annotations
@@ -15,6 +15,17 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.training.checkpoint import latest_state
+
+
+def check_new_output(out: Path, *, overwrite: bool = False) -> None:
+    """`out` may be written by a fresh run: missing, an empty folder, or replaced on request."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"{out}: already exists; use --resume to continue a run there "
+            "or --overwrite to replace it"
+        )
 
 
 def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
@@ -29,13 +40,7 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
                 "start a new run without --resume"
             )
         return state
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(
-            f"{out}: run directory already exists; use --resume to continue it "
-            "or --overwrite to replace it"
-        )
+    check_new_output(out, overwrite=overwrite)
     return None
 
 
@@ -49,6 +54,12 @@ def run_dir(out: Path, *, fresh: bool, overwrite: bool) -> Iterator[Path]:
     try:
         yield out
     except BaseException:
-        if created and latest_state(out) is None:
-            shutil.rmtree(out, ignore_errors=True)
+        if fresh and latest_state(out) is None:
+            # check_run_dir let a fresh run in only if `out` was missing or empty, so
+            # everything in it now is this run's and goes.
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for child in out.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise

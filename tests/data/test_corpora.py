@@ -92,3 +92,20 @@ def test_too_little_text_for_a_block() -> None:
         BlockSampler(np.arange(50, dtype=np.uint16), block_size=64, seed=0)
     with pytest.raises(UserError, match="validation split"):
         eval_blocks(np.arange(10, dtype=np.uint16), 64, 8)
+
+
+def test_jsonl_text_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    f = tmp_path / "c.jsonl"
+    texts = ["one\u2028two", "three\u0085four", "crlf line"]
+    f.write_text("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts))
+    corpus = load_corpus(data(inputs=[str(f)], val_inputs=[str(f)]))
+    assert corpus.train == texts
+
+
+def test_paragraphs_split_in_crlf_files_too(tmp_path: Path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"para one\r\n\r\npara two\r\n")
+    corpus = load_corpus(data(inputs=[str(f)], val_inputs=[str(f)], txt_docs="paragraph"))
+    assert corpus.train == ["para one", "para two"]
+    whole = load_corpus(data(inputs=[str(f)], val_inputs=[str(f)]))
+    assert whole.train == ["para one\r\n\r\npara two\r\n"]

@@ -46,8 +46,10 @@ def test_stops_at_eos(model: Decoder) -> None:
 
 
 def test_context_overflow_is_a_user_error(model: Decoder) -> None:
+    # 40 prompt tokens + 9 new ones feed 48 positions: exactly the model's context.
+    assert len(generate(model, [[1] * 40], SamplingConfig(max_new_tokens=9), eos_id=None)[0]) == 9
     with pytest.raises(UserError, match="exceeds the model's context"):
-        generate(model, [[1] * 40], SamplingConfig(max_new_tokens=9), eos_id=None)
+        generate(model, [[1] * 41], SamplingConfig(max_new_tokens=9), eos_id=None)
 
 
 def test_top_k_and_top_p_restrict_support() -> None:

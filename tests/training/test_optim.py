@@ -24,3 +24,26 @@ def test_schedules_warm_up_then_decay_to_the_floor() -> None:
     wsd = build(OptimConfig, {"lr": 1.0, "warmup_steps": 10, "schedule": "wsd", "decay_frac": 0.2})
     assert lr_at(79, 100, wsd) == 1.0 and lr_at(90, 100, wsd) < 1.0
     assert math.isclose(lr_at(100, 100, wsd), 0.1)
+
+
+def test_non_finite_gradient_never_reaches_the_weights() -> None:
+    import pytest
+
+    from lmforge.errors import UserError
+    from lmforge.training.loop import train_step
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    before = model.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters())
+
+    # A finite loss whose gradient is infinite, as after an overflow in backward.
+    model.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (out - y).pow(2).mean()
+
+    x, y = torch.ones(1, 2), torch.zeros(1, 1)
+    with pytest.raises(UserError, match="gradient norm became"):
+        train_step(model, opt, [(x, y)], loss_fn, n_micro=1, device=torch.device("cpu"),
+                   dtype=torch.float32, grad_clip=1.0, step=1)  # fmt: skip
+    assert torch.equal(model.weight, before)

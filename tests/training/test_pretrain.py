@@ -15,7 +15,7 @@ from lmforge import config as C
 from lmforge.errors import UserError
 from lmforge.training.checkpoint import list_states, load_decoder
 from lmforge.training.metrics import read_metrics
-from lmforge.training.pretrain import PretrainConfig, pretrain
+from lmforge.training.pretrain import PretrainConfig, pretrain, resume_config
 from tests.conftest import TINY_PRETRAIN
 
 
@@ -58,11 +58,18 @@ def test_existing_run_dir_is_never_overwritten_silently(tmp_path: Path) -> None:
     assert not (out / "precious.txt").exists()
 
 
-def test_resume_continues_and_extends(tmp_path: Path) -> None:
+def test_resume_extends_a_run_but_refuses_a_different_experiment(tmp_path: Path) -> None:
     out = tmp_path / "run"
     run(out, "train.max_steps=10")
-    with pytest.raises(UserError, match="saved config"):
-        run(out, "train.max_steps=20", resume=True)
+    first = losses(out)
+    with pytest.raises(UserError, match="cannot change model.n_layer"):
+        pretrain(resume_config(out, None, ["model.n_layer=3"]), out, resume=True, progress=False)
+    done = pretrain(resume_config(out), out, resume=True, progress=False)
+    assert done["step"] == 10  # already complete: nothing trained, final row returned
+    pretrain(resume_config(out, None, ["train.max_steps=20"]), out, resume=True, progress=False)
+    extended = losses(out)
+    assert sorted(extended) == list(range(1, 21))
+    assert {k: extended[k] for k in first} == first
 
 
 def test_sigkill_then_resume_reproduces_losses_bit_for_bit(tmp_path: Path) -> None:
