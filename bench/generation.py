@@ -6,7 +6,7 @@ call time, at batch 1 and 8, in fp32 and in bf16 (both models cast with `.to(tor
 Each call must return exactly `--new-tokens` tokens per row (checked; nothing stops early).
 
 lmforge: `generate(model, prompts, SamplingConfig(max_new_tokens=256, temperature=0),
-eos_id=None)` on `Decoder(DecoderConfig(6 layers, 6 heads, 384 wide, vocab 4096,
+eos_id=None)` on `Decoder(TransformerConfig(6 layers, 6 heads, 384 wide, vocab 4096,
 max_seq_len=512))`.
 Peer: `transformers.GPT2LMHeadModel` of the same shape (n_positions 512), `model.generate(
 input_ids, attention_mask, max_new_tokens=256, min_new_tokens=256, do_sample=False,
@@ -38,7 +38,8 @@ from _common import (
 )
 
 from lmforge.generation.generate import SamplingConfig, generate
-from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.decoder import Decoder
+from lmforge.models.transformer import TransformerConfig
 
 TARGET = 2.0
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, vocab=4096, context=512)
@@ -49,7 +50,7 @@ Runner = Callable[[torch.Tensor], torch.Tensor]  # prompts (B, P) -> new tokens 
 
 
 def lmforge_runner(dtype: torch.dtype, new_tokens: int) -> Runner:
-    cfg = DecoderConfig(
+    cfg = TransformerConfig(
         vocab_size=SHAPE["vocab"],
         n_layer=SHAPE["n_layer"],
         n_head=SHAPE["n_head"],

@@ -77,7 +77,7 @@ def full_val_loss(logits_of: Any, ids: list[int], batch: int = 64) -> float:
 def run_lmforge(overrides: list[str], threads: int, seed: int, work: str) -> dict[str, Any]:
     """One lmforge run in this (fresh) process: time `pretrain`, then score the saved model."""
     from lmforge.config import load, to_dict
-    from lmforge.training.checkpoint import load_decoder
+    from lmforge.training.checkpoint import load_model
     from lmforge.training.metrics import read_metrics
     from lmforge.training.pretrain import PretrainConfig, pretrain
 
@@ -93,7 +93,7 @@ def run_lmforge(overrides: list[str], threads: int, seed: int, work: str) -> dic
     last = pretrain(cfg, out, progress=False)
     wall = time.perf_counter() - t0
 
-    model, tokenizer, _ = load_decoder(out)
+    model, tokenizer, _ = load_model(out, family="decoder")
     text = held_out_text()
     ids = tokenizer.encode(text, allow_special=False)
     if len(ids) != len(text):

@@ -5,7 +5,7 @@ step, zero_grad) on random token data, reported as tokens/s = batch * context / 
 time, plus MFU = tokens/s * training FLOPs per token / 900e9 (the bf16 matmul peak of 2 threads
 on the reference machine; it is only a common yardstick, also for fp32 runs).
 
-lmforge is built exactly as `lmforge.training.pretrain` builds it: `Decoder(DecoderConfig)`,
+lmforge is built exactly as `lmforge.training.pretrain` builds it: `Decoder(TransformerConfig)`,
 `build_optimizer(model, OptimConfig())`, autocast dtype from `autocast_dtype("auto", cpu)`, and
 each step is `train_step(...)`; measured eager and with `forward=torch.compile(model)` (compile
 time = first step minus a typical step, reported separately and excluded from tokens/s; with a
@@ -38,8 +38,9 @@ import _common as common
 import torch
 import torch.nn.functional as F
 
-from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.objectives.lm import next_token_loss
+from lmforge.models.decoder import Decoder
+from lmforge.models.transformer import TransformerConfig
+from lmforge.objectives.lm import token_loss
 from lmforge.runtime import autocast_dtype
 from lmforge.training.loop import train_step
 from lmforge.training.metrics import decoder_flops_per_token
@@ -70,8 +71,8 @@ def gpt2_flops_per_token(s: Shape) -> float:
     return 6 * n + 12 * s.n_layer * s.n_embd * s.context
 
 
-def decoder_config(s: Shape) -> DecoderConfig:
-    return DecoderConfig(
+def decoder_config(s: Shape) -> TransformerConfig:
+    return TransformerConfig(
         vocab_size=s.vocab,
         n_layer=s.n_layer,
         n_head=s.n_head,
@@ -93,7 +94,7 @@ def lmforge_step(s: Shape, compiled: bool) -> Callable[[torch.Tensor, torch.Tens
             model,
             optimizer,
             [(x, y)],
-            next_token_loss,
+            token_loss,
             n_micro=1,
             device=device,
             dtype=dtype,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from lmforge import config as C
 from lmforge.data.corpora import DataConfig, load_corpus
@@ -22,8 +23,9 @@ from lmforge.data.world import WorldConfig, write_world
 from lmforge.errors import UserError
 from lmforge.generation.generate import SamplingConfig
 from lmforge.generation.generate import generate as run_generate
+from lmforge.models.decoder import Decoder
 from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
-from lmforge.training.checkpoint import load_decoder
+from lmforge.training.checkpoint import load_model
 from lmforge.training.pretrain import PretrainConfig, resume_config
 from lmforge.training.pretrain import pretrain as run_pretrain
 from lmforge.training.rundir import check_new_output
@@ -151,7 +153,13 @@ def tokenizer_decode(tok_dir: Path, ids: tuple[int, ...]) -> None:
 
 @cli.command(epilog=_options_epilog(PretrainConfig))
 @_stage_options
+@click.option(
+    "--arch",
+    type=click.Choice(["decoder", "encoder"]),
+    help="Model family (same as arch=...): decoder (next-token) or encoder (masked tokens).",
+)
 def pretrain(
+    arch: str | None,
     out: Path,
     config_file: Path | None,
     resume: bool,
@@ -159,13 +167,15 @@ def pretrain(
     quiet: bool,
     overrides: tuple[str, ...],
 ) -> None:
-    """Pretrain a decoder-only model with next-token prediction (default: the task world)."""
+    """Pretrain a model from scratch on text (default: a decoder on the task world)."""
+    if arch:
+        overrides = (f"arch={arch}", *overrides)
     if resume:  # continue from the run's saved config; the file and overrides change it
         cfg = resume_config(out, config_file, overrides)
     else:
         cfg = C.load(PretrainConfig, config_file, overrides)
     last = run_pretrain(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
-    keys = ("step", "loss", "val_loss", "val_bpb", "tokens_per_s")
+    keys = ("step", "loss", "val_loss", "val_acc", "val_bpb", "tokens_per_s")
     click.echo(json.dumps({k: last[k] for k in keys if k in last}))
 
 
@@ -207,7 +217,8 @@ def generate(
         },
         source="generate options",
     )
-    model, tok, _ = load_decoder(model_dir)
+    model, tok, _ = load_model(model_dir, family="decoder")
+    assert isinstance(model, Decoder)
     ids = [tok.encode(p, add_bos=False) for p in prompts]
     outs = run_generate(model, ids, sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
     for prompt, new in zip(prompts, outs, strict=True):
@@ -216,6 +227,35 @@ def generate(
             click.echo(json.dumps({"prompt": prompt, "completion": text}))
         else:
             click.echo(prompt + text)
+
+
+@cli.command("fill-mask")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.argument("text")
+def fill_mask(model_dir: Path, top_k: int, text: str) -> None:
+    """Show an encoder's top candidates for each [MASK] in TEXT."""
+    model, tok, _ = load_model(model_dir, family="encoder")
+    if "[MASK]" not in text:
+        raise UserError("fill-mask: the text has no [MASK] to fill")
+    mask_token = tok.id_to_token(tok.mask_id)
+    pieces = text.split("[MASK]")
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        ids += tok.encode(piece, allow_special=False)
+        if i < len(pieces) - 1:
+            ids.append(tok.mask_id)
+    if len(ids) > model.cfg.max_seq_len:
+        raise UserError(f"fill-mask: {len(ids)} tokens exceed the model's context")
+    with torch.no_grad():
+        probs = model(torch.tensor([ids])).softmax(-1)[0]  # (T, V)
+    for n, pos in enumerate(i for i, t in enumerate(ids) if t == tok.mask_id):
+        top = probs[pos].topk(min(top_k, tok.vocab_size))
+        cands = ", ".join(
+            f"{tok.decode([int(t)])!r} {float(p):.3f}"
+            for p, t in zip(top.values, top.indices, strict=True)
+        )
+        click.echo(f"{mask_token} #{n + 1}: {cands}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,3 +201,16 @@ def test_multi_process_launch_is_refused_for_now(
 ) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "multi-process training is not supported" in pretrain_fails(capsys, tmp_path / "r")
+
+
+def test_fill_mask_shows_candidates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "enc"
+    tiny = [*TINY_PRETRAIN, "train.max_steps=3"]
+    assert main(["pretrain", "--arch", "encoder", "--quiet", "--out", str(out), *tiny]) == 0
+    capsys.readouterr()
+    assert main(["fill-mask", "--model", str(out), "--top-k", "3", "Mia had a [MASK] ball."]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].count("'") >= 6  # three quoted candidates
+    assert "this command needs a decoder" in fails(
+        capsys, "generate", "--model", str(out), "--prompt", "x"
+    )

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits (B, T, V) against targets (B, T), skipping IGNORE_INDEX.
+
+    Next-token prediction passes the block shifted by one; masked-token prediction passes the
+    original ids at the hidden positions and IGNORE_INDEX elsewhere.
 
     Computed in float32 even under bf16 autocast: the log-softmax over a large vocabulary is
     where low precision hurts most.

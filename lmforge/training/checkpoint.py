@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_model as load_into_module
 
 from lmforge.config import build
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir, atomic_write, atomic_write_json
-from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models import FAMILIES
+from lmforge.models.transformer import Transformer, TransformerConfig
 from lmforge.tokenizers import Tokenizer, load_tokenizer
 
 STATE_DIR = "state"
@@ -57,7 +59,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
     try:
-        missing, unexpected = load_model(_unwrap(model), str(path), strict=False)
+        missing, unexpected = load_into_module(_unwrap(model), str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"{path}: cannot load weights ({e})") from None
     if missing or unexpected:
@@ -174,15 +176,19 @@ def _unflatten_optimizer(
     return {"state": state, "param_groups": restored}
 
 
-def load_decoder(
-    model_dir: Path, device: torch.device | str = "cpu"
-) -> tuple[Decoder, Tokenizer, dict[str, Any]]:
-    """A trained decoder, its tokenizer and its saved config from a model folder."""
+def load_model(
+    model_dir: Path, family: str | None = None, device: torch.device | str = "cpu"
+) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """A trained model, its tokenizer and its saved config from a model folder; with `family`,
+    a folder holding another family is refused."""
     config = read_config_json(model_dir)
-    if config.get("family") != "decoder":
-        raise UserError(f"{model_dir}: holds a '{config.get('family')}' model, not a decoder")
-    model_cfg = build(DecoderConfig, config["model"], str(model_dir / "config.json"))
+    found = config.get("family")
+    if found not in FAMILIES:
+        raise UserError(f"{model_dir / 'config.json'}: field 'family': unknown family {found!r}")
+    if family is not None and found != family:
+        raise UserError(f"{model_dir}: holds a '{found}' model; this command needs a {family}")
+    model_cfg = build(TransformerConfig, config["model"], str(model_dir / "config.json"))
     tokenizer = load_tokenizer(model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size)
-    model = Decoder(model_cfg)
+    model = FAMILIES[found](model_cfg)
     load_model_weights(model, model_dir / "model.safetensors")
     return model.to(device).eval(), tokenizer, config

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.io import atomic_write_text
-from lmforge.models.decoder import DecoderConfig
+from lmforge.models.transformer import TransformerConfig
 
 # Peak bf16 matmul throughput of a 2-thread CPU of the reference machine type (measured with
 # torch 2.13: ~900 GFLOP/s). Used only as the MFU denominator on CPU.
@@ -45,7 +45,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def decoder_flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
+def decoder_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * matmul parameters + attention (Kaplan et al., 2020;
     PaLM appendix B). Embedding lookups are free; the LM head is a matmul and counts."""
     D, L = cfg.n_embd, cfg.n_layer

@@ -14,10 +14,10 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -25,15 +25,28 @@ from tqdm import tqdm
 from lmforge.config import check, opt, to_dict
 from lmforge.config import load as load_config
 from lmforge.data.corpora import Corpus, DataConfig, load_corpus
+from lmforge.data.masking import MaskingConfig, mask_tokens
 from lmforge.data.packing import BlockSampler, eval_blocks
 from lmforge.data.shards import build_shards, cache_root
 from lmforge.errors import UserError
-from lmforge.evaluation.perplexity import held_out_metrics, unigram_loss
+from lmforge.evaluation.perplexity import (
+    BatchTransform,
+    held_out_metrics,
+    unigram_accuracy,
+    unigram_loss,
+)
 from lmforge.io import atomic_dir, atomic_write_json
-from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.objectives.lm import next_token_loss
+from lmforge.models import FAMILIES
+from lmforge.models.transformer import Transformer, TransformerConfig
+from lmforge.objectives.lm import token_loss
 from lmforge.runtime import DTYPES, seed_everything
-from lmforge.tokenizers import Tokenizer, check_vocab_size, load_tokenizer, train_tokenizer
+from lmforge.tokenizers import (
+    SPECIAL_TOKENS,
+    Tokenizer,
+    check_vocab_size,
+    load_tokenizer,
+    train_tokenizer,
+)
 from lmforge.tokenizers.config import TokenizerConfig
 from lmforge.training.checkpoint import load_state, save_model_dir, save_state
 from lmforge.training.loop import Throughput, TrainConfig, setup_device, train_step
@@ -46,16 +59,33 @@ from lmforge.training.metrics import (
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import check_run_dir, run_dir
 
+# Each family's objectives, its default first. The loop never branches on the family: it asks
+# OBJECTIVES for a batch transform and FAMILIES (models/__init__.py) for the model class.
+FAMILY_OBJECTIVES = {"decoder": ("next_token",), "encoder": ("masked_lm",)}
+
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
+    arch: Literal["decoder", "encoder"] = opt(
+        "decoder", "model family: decoder (GPT-style) or encoder (BERT-style)"
+    )
+    objective: Literal["auto", "next_token", "masked_lm"] = opt(
+        "auto", "training objective; auto: the family's own (next_token, masked_lm)"
+    )
     data: DataConfig = opt(DataConfig(), "training text")
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer to train or reuse")
-    model: DecoderConfig = opt(DecoderConfig(), "decoder-only transformer")
+    model: TransformerConfig = opt(TransformerConfig(), "decoder-only transformer")
     optim: OptimConfig = opt(OptimConfig(), "AdamW and learning-rate schedule")
     train: TrainConfig = opt(TrainConfig(), "training loop")
+    masking: MaskingConfig = opt(MaskingConfig(), "masked_lm only: which tokens are hidden")
 
     def __post_init__(self) -> None:
+        allowed = FAMILY_OBJECTIVES[self.arch]
+        check(
+            self.objective in ("auto", *allowed),
+            "objective",
+            f"{self.objective} does not fit arch={self.arch} (use {' or '.join(allowed)})",
+        )
         check(
             self.train.block_size <= self.model.max_seq_len,
             "train.block_size",
@@ -66,6 +96,43 @@ class PretrainConfig:
     @property
     def block_size(self) -> int:
         return self.train.block_size or self.model.max_seq_len
+
+    @property
+    def resolved_objective(self) -> str:
+        return FAMILY_OBJECTIVES[self.arch][0] if self.objective == "auto" else self.objective
+
+
+def next_token_batches(cfg: PretrainConfig, tok: Tokenizer) -> BatchTransform:
+    """Inputs and the same block shifted by one: the sampler already cut them that way."""
+    return lambda x, y, sample: (x, y)
+
+
+def masked_lm_batches(cfg: PretrainConfig, tok: Tokenizer) -> BatchTransform:
+    """BERT corruption of the input block. The masks of a batch are a pure function of
+    (seed, index of its first sample), so a resumed run hides the same tokens."""
+    word_start = torch.tensor(tok.word_starts) if cfg.masking.whole_word else None
+
+    def transform(
+        x: torch.Tensor, y: torch.Tensor, sample: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed((cfg.train.seed << 50) ^ sample)
+        return mask_tokens(
+            x,
+            cfg.masking,
+            mask_id=tok.mask_id,
+            n_special=len(SPECIAL_TOKENS),
+            vocab_size=tok.vocab_size,
+            generator=gen,
+            word_start=word_start,
+        )
+
+    return transform
+
+
+OBJECTIVES: dict[str, Callable[[PretrainConfig, Tokenizer], BatchTransform]] = {
+    "next_token": next_token_batches,
+    "masked_lm": masked_lm_batches,
+}
 
 
 def pretrain(
@@ -92,12 +159,15 @@ def pretrain(
     model_cfg = resolve_model_config(cfg.model, tokenizer)
     device, dtype = setup_device(cfg.train)
     seed_everything(cfg.train.seed)
-    model = Decoder(model_cfg).to(device)
+    model = FAMILIES[cfg.arch](model_cfg).to(device)
+    objective = cfg.resolved_objective
+    transform = OBJECTIVES[objective](cfg, tokenizer)
     optimizer = build_optimizer(model, cfg.optim)
     sampler = BlockSampler(data.train.tokens, cfg.block_size, cfg.train.seed)
     eval_blocks(data.val.tokens, cfg.block_size, cfg.train.eval_blocks)  # fail now, not at eval
     fwd = torch.compile(model) if cfg.train.compile else model
-    run_config = {"stage": "pretrain", "family": "decoder", "run": to_dict(cfg)}
+    run_config = {"stage": "pretrain", "family": cfg.arch, "run": to_dict(cfg)}
+    run_config["objective"] = objective
     run_config["model"] = to_dict(model_cfg)
     run_config["tokenizer_fingerprint"] = tokenizer.fingerprint
 
@@ -120,6 +190,14 @@ def pretrain(
                     "params": model.num_params(),
                     "unigram_val_loss": unigram_loss(
                         data.train.tokens, data.val.tokens, model_cfg.vocab_size
+                    ),
+                    "unigram_val_acc": unigram_accuracy(
+                        data.train.tokens,
+                        data.val,
+                        cfg.block_size,
+                        cfg.train.batch_size,
+                        cfg.train.eval_blocks,
+                        transform,
                     ),
                     "tokens_per_byte": data.train.tokens_per_byte,
                     "autocast": str(dtype).removeprefix("torch."),
@@ -151,10 +229,10 @@ def pretrain(
                 model,
                 optimizer,
                 (
-                    sampler.batch((step * accum + m) * cfg.train.batch_size, cfg.train.batch_size)
-                    for m in range(accum)
+                    transform(*sampler.batch(first, cfg.train.batch_size), first)
+                    for first in ((step * accum + m) * cfg.train.batch_size for m in range(accum))
                 ),
-                next_token_loss,
+                token_loss,
                 n_micro=accum,
                 device=device,
                 dtype=dtype,
@@ -191,11 +269,13 @@ def pretrain(
                         cfg.train.eval_blocks,
                         device,
                         dtype,
+                        transform,
+                        next_token=objective == "next_token",
                     )
                 )
                 if progress:
                     bar.write(
-                        f"step {done}: val_loss {row['val_loss']:.4f} bpb {row['val_bpb']:.3f}"
+                        f"step {done}: val_loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}"
                     )
             if row:
                 metrics.log(row)
@@ -239,7 +319,7 @@ def build_tokenizer(
     return tok
 
 
-def resolve_model_config(model: DecoderConfig, tokenizer: Tokenizer) -> DecoderConfig:
+def resolve_model_config(model: TransformerConfig, tokenizer: Tokenizer) -> TransformerConfig:
     if model.vocab_size == 0:
         return dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
     if model.vocab_size != tokenizer.vocab_size:
@@ -310,7 +390,7 @@ def _final_row(out: Path) -> dict[str, Any]:
 
 
 def print_summary(
-    model: Decoder,
+    model: Transformer,
     cfg: PretrainConfig,
     reused: bool,
     dtype: torch.dtype,

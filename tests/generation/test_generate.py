@@ -6,13 +6,14 @@ import torch
 from lmforge.errors import UserError
 from lmforge.generation.generate import SamplingConfig, generate
 from lmforge.generation.sampling import sample_next
-from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.decoder import Decoder
+from lmforge.models.transformer import TransformerConfig
 
 
 @pytest.fixture(scope="module")
 def model() -> Decoder:
     torch.manual_seed(1)
-    return Decoder(DecoderConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, max_seq_len=48))
+    return Decoder(TransformerConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, max_seq_len=48))
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [3], [10, 11, 12]]

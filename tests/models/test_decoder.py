@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from lmforge.config import ConfigFieldError
-from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.decoder import Decoder
+from lmforge.models.transformer import TransformerConfig
 
 
 def tiny(**kw: object) -> Decoder:
     torch.manual_seed(0)
     cfg = dict(vocab_size=50, n_layer=2, n_head=4, n_embd=32, max_seq_len=32)
     cfg.update(kw)
-    return Decoder(DecoderConfig(**cfg)).eval()  # type: ignore[arg-type]
+    return Decoder(TransformerConfig(**cfg)).eval()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("n_kv_head", [0, 2, 1])
@@ -49,10 +50,10 @@ def test_tied_embeddings_share_storage() -> None:
 
 def test_config_validation_names_fields() -> None:
     with pytest.raises(ConfigFieldError) as e:
-        DecoderConfig(n_embd=30, n_head=4)
+        TransformerConfig(n_embd=30, n_head=4)
     assert e.value.field == "n_embd"
     with pytest.raises(ConfigFieldError) as e:
-        DecoderConfig(n_head=4, n_kv_head=3)
+        TransformerConfig(n_head=4, n_kv_head=3)
     assert e.value.field == "n_kv_head"
 
 

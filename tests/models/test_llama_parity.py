@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.decoder import Decoder
+from lmforge.models.transformer import TransformerConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +58,7 @@ def to_llama(model: Decoder) -> torch.nn.Module:
 @pytest.mark.parametrize(("n_kv_head", "tie"), [(0, True), (2, False)])
 def test_logits_match_llama(n_kv_head: int, tie: bool) -> None:
     torch.manual_seed(0)
-    cfg = DecoderConfig(
+    cfg = TransformerConfig(
         vocab_size=97, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64, max_seq_len=32,
         tie_embeddings=tie, rope_theta=500.0,
     )  # fmt: skip

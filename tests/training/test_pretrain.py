@@ -13,7 +13,7 @@ import pytest
 
 from lmforge import config as C
 from lmforge.errors import UserError
-from lmforge.training.checkpoint import list_states, load_decoder
+from lmforge.training.checkpoint import list_states, load_model
 from lmforge.training.metrics import read_metrics
 from lmforge.training.pretrain import PretrainConfig, pretrain, resume_config
 from tests.conftest import TINY_PRETRAIN
@@ -41,7 +41,7 @@ def test_learns_well_below_unigram_baseline(tmp_path: Path) -> None:
 def test_run_dir_holds_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
     run(out)
-    model, tok, config = load_decoder(out)
+    model, tok, config = load_model(out)
     assert config["stage"] == "pretrain" and config["step"] == 20
     assert model.cfg.vocab_size == tok.vocab_size
     assert [p.name for p in list_states(out)] == ["step_00000010", "step_00000020"]
@@ -72,8 +72,10 @@ def test_resume_extends_a_run_but_refuses_a_different_experiment(tmp_path: Path)
     assert {k: extended[k] for k in first} == first
 
 
-def test_sigkill_then_resume_reproduces_losses_bit_for_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_sigkill_then_resume_reproduces_losses_bit_for_bit(tmp_path: Path, arch: str) -> None:
     args = [*TINY_PRETRAIN, "train.max_steps=40", "train.ckpt_every=5", "model.dropout=0.1"]
+    args.append(f"arch={arch}")
     ref = tmp_path / "ref"
     cmd = [sys.executable, "-m", "lmforge", "pretrain", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
@@ -122,3 +124,23 @@ def test_muon_learns_and_resumes_exactly(tmp_path: Path) -> None:
     assert losses(part) == losses(ref)
     first, last = losses(ref)[1], losses(ref)[12]
     assert last < first - 0.3
+
+
+def test_encoder_masked_accuracy_far_above_unigram_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "enc"
+    last = run(out, "arch=encoder", "train.max_steps=400", "train.eval_every=400", "optim.lr=3e-3")
+    rows = read_metrics(out / "metrics.jsonl")
+    baseline = rows[0]["unigram_val_acc"]
+    assert 0 < baseline < 0.3
+    assert last["val_acc"] > baseline + 0.15, (last["val_acc"], baseline)
+    assert "val_bpb" not in last  # bits per byte only make sense for next-token prediction
+    model, _, config = load_model(out, family="encoder")
+    assert config["family"] == "encoder" and config["objective"] == "masked_lm"
+    with pytest.raises(UserError, match="holds a 'encoder' model"):
+        load_model(out, family="decoder")
+
+
+def test_objective_must_fit_the_family() -> None:
+    with pytest.raises(UserError, match="field 'objective': next_token does not fit arch=encoder"):
+        C.load(PretrainConfig, None, ["arch=encoder", "objective=next_token"])
+    assert C.load(PretrainConfig, None, ["arch=encoder"]).resolved_objective == "masked_lm"

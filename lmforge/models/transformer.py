@@ -1,0 +1,172 @@
+"""What every model family shares: the transformer config and the trunk around the blocks.
+
+A family (decoder, encoder) is this trunk with its attention direction and its extras (the
+decoder's KV cache). The blocks themselves live in `layers.py`.
+
+Shape legend: B batch, T time, D n_embd, V vocab_size, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmforge.config import check, opt
+from lmforge.models.kv_cache import KVCache
+from lmforge.models.layers import Block, RMSNorm, default_ff_width, rope_tables
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+    vocab_size: int = opt(0, "vocabulary size; 0 takes it from the tokenizer")
+    n_layer: int = opt(4, "number of transformer blocks")
+    n_head: int = opt(4, "attention heads")
+    n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0 means n_head")
+    n_embd: int = opt(128, "model width D (must be divisible by n_head)")
+    d_ff: int = opt(0, "SwiGLU hidden width; 0 means 8/3 * n_embd rounded up to 32")
+    max_seq_len: int = opt(256, "longest context the model supports (rotary table size)")
+    rope_theta: float = opt(10000.0, "rotary embedding base")
+    tie_embeddings: bool = opt(True, "share the input embedding with the LM head")
+    dropout: float = opt(0.0, "dropout on attention and residual branches")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    init_std: float = opt(0.02, "standard deviation of the normal weight init")
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size >= 0, "vocab_size", f"must be >= 0 (got {self.vocab_size})")
+        check(self.n_layer >= 1, "n_layer", f"must be >= 1 (got {self.n_layer})")
+        check(self.n_head >= 1, "n_head", f"must be >= 1 (got {self.n_head})")
+        check(self.n_embd >= 1, "n_embd", f"must be >= 1 (got {self.n_embd})")
+        check(
+            self.n_embd % self.n_head == 0,
+            "n_embd",
+            f"{self.n_embd} is not divisible by n_head={self.n_head}",
+        )
+        check(
+            (self.n_embd // self.n_head) % 2 == 0,
+            "n_embd",
+            "head size n_embd/n_head must be even for rotary embeddings",
+        )
+        check(self.n_kv_head >= 0, "n_kv_head", f"must be >= 0 (got {self.n_kv_head})")
+        check(
+            self.n_head % self.kv_heads == 0,
+            "n_kv_head",
+            f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}",
+        )
+        check(self.d_ff >= 0, "d_ff", f"must be >= 0 (got {self.d_ff})")
+        check(self.max_seq_len >= 1, "max_seq_len", f"must be >= 1 (got {self.max_seq_len})")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1) (got {self.dropout})")
+        check(self.rope_theta > 0, "rope_theta", "must be > 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_width(self) -> int:
+        return self.d_ff or default_ff_width(self.n_embd)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Transformer(nn.Module):
+    """Embedding -> blocks -> final norm -> vocabulary head: what every family shares. `causal`
+    picks decoder-style (masked) or encoder-style (bidirectional) self-attention."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: TransformerConfig, *, causal: bool):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("TransformerConfig.vocab_size must be set before building the model")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg.n_embd,
+                cfg.n_head,
+                cfg.kv_heads,
+                cfg.ff_width,
+                cfg.dropout,
+                cfg.norm_eps,
+                causal=causal,
+            )
+            for _ in range(cfg.n_layer)
+        )
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        # Derived from the config, so not saved in checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # norm gains
+            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                # GPT-2: scale the residual-branch outputs by depth so activations stay O(1).
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states (B, T, D) for token ids idx (B, T).
+
+        positions: (B, T) absolute positions, for left-padded or packed batches; by default
+            0..T-1 continuing after whatever the cache holds.
+        mask: boolean (B, 1, T, S) attention mask, True where a query may attend; by default
+            causal attention (decoders) or full attention (encoders).
+        cache: a KVCache; the new keys/values are appended and the cache advanced by T.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
+                )
+            cos = self.rope_cos[start : start + T, None]  # (T, 1, hs)
+            sin = self.rope_sin[start : start + T, None]
+        else:
+            cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, hs)
+            sin = self.rope_sin[positions].unsqueeze(2)
+        x = self.tok_emb(idx)  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); see `hidden_states` for the options."""
+        return self.lm_head(self.hidden_states(idx, positions=positions, mask=mask, cache=cache))
