@@ -19,6 +19,7 @@ from lmforge.config import check, opt
 from lmforge.errors import UserError
 from lmforge.generation.sampling import sample_next
 from lmforge.models.decoder import Decoder
+from lmforge.models.encoder_decoder import EncoderDecoder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,9 +94,70 @@ def generate(
         if bool(done.all()):
             break
     model.train(was_training)
+    return _cut_at_eos(out[:, : n + 1], eos_id)
 
+
+@torch.no_grad()
+def generate_seq2seq(
+    model: EncoderDecoder,
+    sources: list[list[int]],
+    cfg: SamplingConfig,
+    *,
+    start_id: int,
+    eos_id: int | None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Output ids for each input of an encoder-decoder, stopping after eos (not returned).
+
+    Inputs are right-padded and their padding hidden from cross-attention; the encoder runs
+    once, and each layer's cross-attention keys/values are computed once per input.
+    """
+    if not sources or any(len(s) == 0 for s in sources):
+        raise UserError("generate: every input needs at least one token")
+    device = model.tok_emb.weight.device
+    B, S = len(sources), max(len(s) for s in sources)
+    limit = model.cfg.max_seq_len
+    if limit < S or cfg.max_new_tokens > limit:
+        raise UserError(
+            f"input of {S} tokens or max_new_tokens={cfg.max_new_tokens} exceeds the model's "
+            f"context of {limit} tokens"
+        )
+    src = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((B, S), dtype=torch.bool, device=device)
+    for i, s in enumerate(sources):
+        src[i, : len(s)] = torch.tensor(s, device=device)
+        valid[i, : len(s)] = True
+    src_mask = None if bool(valid.all()) else valid[:, None, None, :]  # (B, 1, 1, S)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()
+
+    memory_kv = model.memory_kv(model.encode(src, src_mask))
+    cache = model.new_cache(B, cfg.max_new_tokens) if cfg.use_cache else None
+    tgt = torch.full((B, 1), start_id, dtype=torch.long, device=device)
+    out = torch.full((B, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n = 0
+    for n in range(cfg.max_new_tokens):
+        x = tgt if cache is None or n == 0 else tgt[:, -1:]
+        logits = model.decode(x, memory_kv, memory_mask=src_mask, cache=cache)[:, -1]
+        nxt = sample_next(
+            logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen
+        )
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[:, n] = nxt
+        if eos_id is not None:
+            done |= nxt == eos_id
+        tgt = torch.cat([tgt, nxt[:, None]], dim=1)
+        if bool(done.all()):
+            break
+    model.train(was_training)
+    return _cut_at_eos(out[:, : n + 1], eos_id)
+
+
+def _cut_at_eos(out: torch.Tensor, eos_id: int | None) -> list[list[int]]:
     results = []
-    for row in out[:, : n + 1].tolist():
+    for row in out.tolist():
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
         results.append(row)

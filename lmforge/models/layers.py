@@ -150,6 +150,73 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+class CrossAttention(nn.Module):
+    """Decoder queries attend to the encoder's output ("memory"). No rotary phases here: the
+    memory already carries its positions, and query and key positions are not comparable."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_size = d_model // n_head
+        self.dropout = dropout
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * n_kv_head * self.head_size, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, Hkv, S, hs) of the memory (B, S, D): computed once per input."""
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.n_kv_head, self.head_size).unbind(2)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, H, T, hs)
+        k, v = kv
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class CrossBlock(nn.Module):
+    """Decoder block of an encoder-decoder: causal self-attention, cross-attention, MLP."""
+
+    def __init__(
+        self, d_model: int, n_head: int, n_kv_head: int, d_ff: int, dropout: float, eps: float
+    ):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, eps)
+        self.attn = Attention(d_model, n_head, n_kv_head, dropout, causal=True)
+        self.cross_norm = RMSNorm(d_model, eps)
+        self.cross = CrossAttention(d_model, n_head, n_kv_head, dropout)
+        self.mlp_norm = RMSNorm(d_model, eps)
+        self.mlp = SwiGLU(d_model, d_ff)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, None, cache, layer))
+        x = x + self.drop(self.cross(self.cross_norm(x), memory_kv, memory_mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
 def default_ff_width(d_model: int) -> int:
     """SwiGLU width 8/3 * D (same parameters as a 4*D GELU MLP), rounded up to a multiple of 32."""
     return 32 * ((8 * d_model // 3 + 31) // 32)

@@ -22,7 +22,8 @@ from lmforge.models.layers import Block, RMSNorm, default_ff_width, rope_tables
 @dataclass(frozen=True, kw_only=True)
 class TransformerConfig:
     vocab_size: int = opt(0, "vocabulary size; 0 takes it from the tokenizer")
-    n_layer: int = opt(4, "number of transformer blocks")
+    n_layer: int = opt(4, "number of transformer blocks (encoder-decoder: encoder blocks)")
+    n_decoder_layer: int = opt(0, "encoder-decoder only: decoder blocks; 0 means n_layer")
     n_head: int = opt(4, "attention heads")
     n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0 means n_head")
     n_embd: int = opt(128, "model width D (must be divisible by n_head)")
@@ -37,6 +38,7 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         check(self.vocab_size >= 0, "vocab_size", f"must be >= 0 (got {self.vocab_size})")
         check(self.n_layer >= 1, "n_layer", f"must be >= 1 (got {self.n_layer})")
+        check(self.n_decoder_layer >= 0, "n_decoder_layer", "must be >= 0")
         check(self.n_head >= 1, "n_head", f"must be >= 1 (got {self.n_head})")
         check(self.n_embd >= 1, "n_embd", f"must be >= 1 (got {self.n_embd})")
         check(
@@ -71,6 +73,18 @@ class TransformerConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+
+def init_parameters(model: nn.Module, std: float, depth: int) -> None:
+    """Normal(0, std) matrices, unit norm gains; residual-branch outputs scaled by
+    1/sqrt(2 * depth) as in GPT-2, so activations stay O(1) however deep the stack."""
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            nn.init.ones_(p)
+        elif name.endswith(("attn.proj.weight", "cross.proj.weight", "mlp.down.weight")):
+            nn.init.normal_(p, std=std / math.sqrt(2 * depth))
+        else:
+            nn.init.normal_(p, std=std)
 
 
 class Transformer(nn.Module):
@@ -109,15 +123,7 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)  # norm gains
-            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                # GPT-2: scale the residual-branch outputs by depth so activations stay O(1).
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, std=std)
+        init_parameters(self, self.cfg.init_std, self.cfg.n_layer)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
