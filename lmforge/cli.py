@@ -21,9 +21,10 @@ from lmforge import config as C
 from lmforge.data.corpora import DataConfig, load_corpus
 from lmforge.data.world import WorldConfig, write_world
 from lmforge.errors import UserError
-from lmforge.generation.generate import SamplingConfig
+from lmforge.generation.generate import SamplingConfig, generate_seq2seq
 from lmforge.generation.generate import generate as run_generate
 from lmforge.models.decoder import Decoder
+from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.training.checkpoint import load_model
 from lmforge.training.pretrain import PretrainConfig, resume_config
@@ -155,8 +156,9 @@ def tokenizer_decode(tok_dir: Path, ids: tuple[int, ...]) -> None:
 @_stage_options
 @click.option(
     "--arch",
-    type=click.Choice(["decoder", "encoder"]),
-    help="Model family (same as arch=...): decoder (next-token) or encoder (masked tokens).",
+    type=click.Choice(["decoder", "encoder", "encoder-decoder"]),
+    help="Model family (same as arch=...): decoder (next-token), encoder (masked tokens), "
+    "encoder-decoder (span corruption).",
 )
 def pretrain(
     arch: str | None,
@@ -204,7 +206,7 @@ def generate(
     no_cache: bool,
     as_json: bool,
 ) -> None:
-    """Continue each PROMPT with a trained model."""
+    """Continue each PROMPT with a decoder, or map it to an output with an encoder-decoder."""
     sampling = C.build(
         SamplingConfig,
         {
@@ -217,12 +219,26 @@ def generate(
         },
         source="generate options",
     )
-    model, tok, _ = load_model(model_dir, family="decoder")
-    assert isinstance(model, Decoder)
+    model, tok, _ = load_model(model_dir)
     ids = [tok.encode(p, add_bos=False) for p in prompts]
-    outs = run_generate(model, ids, sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    if isinstance(model, EncoderDecoder):  # input -> output
+        outs = generate_seq2seq(
+            model, ids, sampling, start_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id
+        )
+    elif isinstance(model, Decoder):  # continuation
+        outs = run_generate(model, ids, sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    else:
+        raise UserError(f"{model_dir}: an encoder cannot generate; use `lmforge fill-mask`")
     for prompt, new in zip(prompts, outs, strict=True):
-        text = tok.decode(new)
+        # Span-corruption sentinels sit past the tokenizer's vocabulary; show them T5-style.
+        text = (
+            "".join(
+                f"<extra_id_{t - tok.vocab_size}>" if t >= tok.vocab_size else tok.decode([t])
+                for t in new
+            )
+            if isinstance(model, EncoderDecoder)
+            else tok.decode(new)
+        )
         if as_json:
             click.echo(json.dumps({"prompt": prompt, "completion": text}))
         else:

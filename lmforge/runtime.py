@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -63,3 +64,18 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def to_device(x: Batch, device: torch.device) -> Batch:
+    """Move a model input (one tensor, or a tuple such as encoder and decoder ids) to `device`."""
+    if isinstance(x, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in x)
+    return x.to(device, non_blocking=True)
+
+
+def call(forward: Callable[..., torch.Tensor], x: Batch) -> torch.Tensor:
+    """forward(x), or forward(*x) for a tuple input."""
+    return forward(*x) if isinstance(x, tuple) else forward(x)

@@ -211,6 +211,18 @@ def test_fill_mask_shows_candidates(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["fill-mask", "--model", str(out), "--top-k", "3", "Mia had a [MASK] ball."]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].count("'") >= 6  # three quoted candidates
-    assert "this command needs a decoder" in fails(
+    assert "an encoder cannot generate" in fails(
         capsys, "generate", "--model", str(out), "--prompt", "x"
     )
+
+
+def test_generate_with_an_encoder_decoder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "t5"
+    tiny = [*TINY_PRETRAIN, "train.max_steps=3"]
+    assert main(["pretrain", "--arch", "encoder-decoder", "--quiet", "--out", str(out), *tiny]) == 0
+    capsys.readouterr()
+    args = ["generate", "--model", str(out), "--prompt", "Mia had a", "--max-new-tokens", "4"]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "Mia had a"

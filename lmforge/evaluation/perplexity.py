@@ -15,9 +15,9 @@ import torch
 from lmforge.data.packing import eval_blocks, gather_blocks
 from lmforge.data.shards import TokenSplit
 from lmforge.objectives.lm import IGNORE_INDEX, token_loss
-from lmforge.runtime import autocast
+from lmforge.runtime import Batch, autocast, call, to_device
 
-BatchTransform = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, int], tuple[Batch, torch.Tensor]]
 
 # Sample indices for held-out batches: far from any training index, so a masked-token
 # objective draws its held-out masks from a fixed stream that training never uses.
@@ -45,10 +45,10 @@ def held_out_metrics(
     total, correct, count = 0.0, 0, 0
     for i in range(0, len(starts), batch_size):
         x, y = gather_blocks(split.tokens, starts[i : i + batch_size], block_size)
-        x, y = transform(x, y, EVAL_SAMPLE_BASE + i)
-        x, y = x.to(device), y.to(device)
+        inputs, y = transform(x, y, EVAL_SAMPLE_BASE + i)
+        inputs, y = to_device(inputs, device), y.to(device)
         with autocast(device, dtype):
-            logits = model(x)
+            logits = call(model, inputs)
         n = int((y != IGNORE_INDEX).sum())
         total += token_loss(logits, y).item() * n
         correct += int(((logits.argmax(-1) == y) & (y != IGNORE_INDEX)).sum())

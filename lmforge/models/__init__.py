@@ -4,9 +4,13 @@ from collections.abc import Callable
 
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import Encoder
+from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.models.transformer import Transformer, TransformerConfig
 
-FAMILIES: dict[str, Callable[[TransformerConfig], Transformer]] = {
+Model = Transformer | EncoderDecoder
+
+FAMILIES: dict[str, Callable[[TransformerConfig], Model]] = {
     "decoder": Decoder,
     "encoder": Encoder,
+    "encoder-decoder": EncoderDecoder,
 }

@@ -25,8 +25,8 @@ from safetensors.torch import load_model as load_into_module
 from lmforge.config import build
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir, atomic_write, atomic_write_json
-from lmforge.models import FAMILIES
-from lmforge.models.transformer import Transformer, TransformerConfig
+from lmforge.models import FAMILIES, Model
+from lmforge.models.transformer import TransformerConfig
 from lmforge.tokenizers import Tokenizer, load_tokenizer
 
 STATE_DIR = "state"
@@ -178,7 +178,7 @@ def _unflatten_optimizer(
 
 def load_model(
     model_dir: Path, family: str | None = None, device: torch.device | str = "cpu"
-) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+) -> tuple[Model, Tokenizer, dict[str, Any]]:
     """A trained model, its tokenizer and its saved config from a model folder; with `family`,
     a folder holding another family is refused."""
     config = read_config_json(model_dir)
@@ -188,7 +188,11 @@ def load_model(
     if family is not None and found != family:
         raise UserError(f"{model_dir}: holds a '{found}' model; this command needs a {family}")
     model_cfg = build(TransformerConfig, config["model"], str(model_dir / "config.json"))
-    tokenizer = load_tokenizer(model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size)
+    # Sentinel ids of span corruption sit past the tokenizer's vocabulary (T5's "extra ids").
+    extra = int(config.get("extra_vocab", 0))
+    tokenizer = load_tokenizer(
+        model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size - extra
+    )
     model = FAMILIES[found](model_cfg)
     load_model_weights(model, model_dir / "model.safetensors")
     return model.to(device).eval(), tokenizer, config

@@ -16,7 +16,7 @@ import torch
 
 from lmforge.config import check, opt
 from lmforge.errors import UserError
-from lmforge.runtime import autocast, autocast_dtype, resolve_device
+from lmforge.runtime import Batch, autocast, autocast_dtype, call, resolve_device, to_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +71,7 @@ def setup_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: Iterable[tuple[Batch, torch.Tensor]],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     n_micro: int,
@@ -79,7 +79,7 @@ def train_step(
     dtype: torch.dtype,
     grad_clip: float,
     step: int,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    forward: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `n_micro` micro-batches; returns (mean loss, grad norm).
 
@@ -90,9 +90,9 @@ def train_step(
     forward = model if forward is None else forward
     loss_sum = torch.zeros((), device=device)
     for x, y in micro_batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         with autocast(device, dtype):
-            out = forward(x)
+            out = call(forward, x)
         loss = loss_fn(out, y) / n_micro
         loss.backward()
         loss_sum += loss.detach()

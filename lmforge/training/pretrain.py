@@ -28,6 +28,7 @@ from lmforge.data.corpora import Corpus, DataConfig, load_corpus
 from lmforge.data.masking import MaskingConfig, mask_tokens
 from lmforge.data.packing import BlockSampler, eval_blocks
 from lmforge.data.shards import build_shards, cache_root
+from lmforge.data.spans import SpanConfig, corrupt_spans, raw_length_for, span_counts
 from lmforge.errors import UserError
 from lmforge.evaluation.perplexity import (
     BatchTransform,
@@ -36,8 +37,8 @@ from lmforge.evaluation.perplexity import (
     unigram_loss,
 )
 from lmforge.io import atomic_dir, atomic_write_json
-from lmforge.models import FAMILIES
-from lmforge.models.transformer import Transformer, TransformerConfig
+from lmforge.models import FAMILIES, Model
+from lmforge.models.transformer import TransformerConfig
 from lmforge.objectives.lm import token_loss
 from lmforge.runtime import DTYPES, seed_everything
 from lmforge.tokenizers import (
@@ -61,16 +62,21 @@ from lmforge.training.rundir import check_run_dir, run_dir
 
 # Each family's objectives, its default first. The loop never branches on the family: it asks
 # OBJECTIVES for a batch transform and FAMILIES (models/__init__.py) for the model class.
-FAMILY_OBJECTIVES = {"decoder": ("next_token",), "encoder": ("masked_lm",)}
+FAMILY_OBJECTIVES = {
+    "decoder": ("next_token",),
+    "encoder": ("masked_lm",),
+    "encoder-decoder": ("span_corruption",),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
-    arch: Literal["decoder", "encoder"] = opt(
-        "decoder", "model family: decoder (GPT-style) or encoder (BERT-style)"
+    arch: Literal["decoder", "encoder", "encoder-decoder"] = opt(
+        "decoder", "model family: decoder (GPT-style), encoder (BERT-style), encoder-decoder (T5)"
     )
-    objective: Literal["auto", "next_token", "masked_lm"] = opt(
-        "auto", "training objective; auto: the family's own (next_token, masked_lm)"
+    objective: Literal["auto", "next_token", "masked_lm", "span_corruption"] = opt(
+        "auto",
+        "training objective; auto: the family's own (next_token, masked_lm, span_corruption)",
     )
     data: DataConfig = opt(DataConfig(), "training text")
     tokenizer: TokenizerConfig = opt(TokenizerConfig(), "tokenizer to train or reuse")
@@ -78,6 +84,7 @@ class PretrainConfig:
     optim: OptimConfig = opt(OptimConfig(), "AdamW and learning-rate schedule")
     train: TrainConfig = opt(TrainConfig(), "training loop")
     masking: MaskingConfig = opt(MaskingConfig(), "masked_lm only: which tokens are hidden")
+    spans: SpanConfig = opt(SpanConfig(), "span_corruption only: which spans are dropped")
 
     def __post_init__(self) -> None:
         allowed = FAMILY_OBJECTIVES[self.arch]
@@ -100,6 +107,21 @@ class PretrainConfig:
     @property
     def resolved_objective(self) -> str:
         return FAMILY_OBJECTIVES[self.arch][0] if self.objective == "auto" else self.objective
+
+    @property
+    def raw_block_size(self) -> int:
+        """Tokens the sampler cuts per sample: span corruption shortens its input, so it takes
+        the longest raw block whose corrupted input still fits in block_size."""
+        if self.resolved_objective == "span_corruption":
+            return raw_length_for(self.block_size, self.spans)
+        return self.block_size
+
+    @property
+    def n_sentinels(self) -> int:
+        """Sentinel ids the objective needs past the tokenizer's vocabulary."""
+        if self.resolved_objective == "span_corruption":
+            return span_counts(self.raw_block_size, self.spans)[1]
+        return 0
 
 
 def next_token_batches(cfg: PretrainConfig, tok: Tokenizer) -> BatchTransform:
@@ -129,9 +151,32 @@ def masked_lm_batches(cfg: PretrainConfig, tok: Tokenizer) -> BatchTransform:
     return transform
 
 
+def span_corruption_batches(cfg: PretrainConfig, tok: Tokenizer) -> BatchTransform:
+    """T5 span corruption of the raw block: the encoder reads the block with spans replaced by
+    sentinels, the decoder is teacher-forced on (bos, target[:-1]) to predict the target."""
+
+    def transform(
+        x: torch.Tensor, y: torch.Tensor, sample: int
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        gen = torch.Generator().manual_seed((cfg.train.seed << 50) ^ sample)
+        inputs, targets = corrupt_spans(
+            x,
+            cfg.spans,
+            first_sentinel=tok.vocab_size,
+            n_sentinels=cfg.n_sentinels,
+            eos_id=tok.eos_id,
+            generator=gen,
+        )
+        start = torch.full_like(targets[:, :1], tok.bos_id)
+        return (inputs, torch.cat([start, targets[:, :-1]], dim=1)), targets
+
+    return transform
+
+
 OBJECTIVES: dict[str, Callable[[PretrainConfig, Tokenizer], BatchTransform]] = {
     "next_token": next_token_batches,
     "masked_lm": masked_lm_batches,
+    "span_corruption": span_corruption_batches,
 }
 
 
@@ -156,20 +201,26 @@ def pretrain(
     corpus = load_corpus(cfg.data)
     tokenizer = build_tokenizer(cfg, corpus, out if resume else None, progress)
     data = build_shards(corpus, tokenizer, cfg.data.cache_dir, progress)
-    model_cfg = resolve_model_config(cfg.model, tokenizer)
+    model_cfg = resolve_model_config(cfg.model, tokenizer, cfg.n_sentinels)
     device, dtype = setup_device(cfg.train)
     seed_everything(cfg.train.seed)
     model = FAMILIES[cfg.arch](model_cfg).to(device)
     objective = cfg.resolved_objective
     transform = OBJECTIVES[objective](cfg, tokenizer)
     optimizer = build_optimizer(model, cfg.optim)
-    sampler = BlockSampler(data.train.tokens, cfg.block_size, cfg.train.seed)
-    eval_blocks(data.val.tokens, cfg.block_size, cfg.train.eval_blocks)  # fail now, not at eval
+    block = cfg.raw_block_size
+    sampler = BlockSampler(data.train.tokens, block, cfg.train.seed)
+    eval_blocks(data.val.tokens, block, cfg.train.eval_blocks)  # fail now, not at eval
     fwd = torch.compile(model) if cfg.train.compile else model
-    run_config = {"stage": "pretrain", "family": cfg.arch, "run": to_dict(cfg)}
-    run_config["objective"] = objective
-    run_config["model"] = to_dict(model_cfg)
-    run_config["tokenizer_fingerprint"] = tokenizer.fingerprint
+    run_config: dict[str, Any] = {
+        "stage": "pretrain",
+        "family": cfg.arch,
+        "objective": objective,
+        "extra_vocab": cfg.n_sentinels,
+        "run": to_dict(cfg),
+        "model": to_dict(model_cfg),
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+    }
 
     with run_dir(out, fresh=state is None, overwrite=overwrite):
         start = 0
@@ -182,7 +233,7 @@ def pretrain(
         atomic_write_json(out / "run_config.json", run_config)
         metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start if state else None)
         flops_per_token = decoder_flops_per_token(model_cfg, cfg.block_size)
-        tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.block_size
+        tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * block
         if state is None:
             metrics.log(
                 {
@@ -194,7 +245,7 @@ def pretrain(
                     "unigram_val_acc": unigram_accuracy(
                         data.train.tokens,
                         data.val,
-                        cfg.block_size,
+                        block,
                         cfg.train.batch_size,
                         cfg.train.eval_blocks,
                         transform,
@@ -264,7 +315,7 @@ def pretrain(
                     held_out_metrics(
                         model,
                         data.val,
-                        cfg.block_size,
+                        block,
                         cfg.train.batch_size,
                         cfg.train.eval_blocks,
                         device,
@@ -319,13 +370,18 @@ def build_tokenizer(
     return tok
 
 
-def resolve_model_config(model: TransformerConfig, tokenizer: Tokenizer) -> TransformerConfig:
+def resolve_model_config(
+    model: TransformerConfig, tokenizer: Tokenizer, extra: int = 0
+) -> TransformerConfig:
+    """The model config with its vocabulary: the tokenizer's plus `extra` sentinel ids."""
+    vocab = tokenizer.vocab_size + extra
     if model.vocab_size == 0:
-        return dataclasses.replace(model, vocab_size=tokenizer.vocab_size)
-    if model.vocab_size != tokenizer.vocab_size:
+        return dataclasses.replace(model, vocab_size=vocab)
+    if model.vocab_size != vocab:
         raise UserError(
             f"model.vocab_size={model.vocab_size} does not match the tokenizer's "
-            f"{tokenizer.vocab_size} tokens (set model.vocab_size=0 to follow the tokenizer)"
+            f"{tokenizer.vocab_size} tokens + {extra} sentinels "
+            "(set model.vocab_size=0 to follow the tokenizer)"
         )
     return model
 
@@ -390,7 +446,7 @@ def _final_row(out: Path) -> dict[str, Any]:
 
 
 def print_summary(
-    model: Transformer,
+    model: Model,
     cfg: PretrainConfig,
     reused: bool,
     dtype: torch.dtype,

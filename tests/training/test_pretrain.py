@@ -72,7 +72,7 @@ def test_resume_extends_a_run_but_refuses_a_different_experiment(tmp_path: Path)
     assert {k: extended[k] for k in first} == first
 
 
-@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+@pytest.mark.parametrize("arch", ["decoder", "encoder", "encoder-decoder"])
 def test_sigkill_then_resume_reproduces_losses_bit_for_bit(tmp_path: Path, arch: str) -> None:
     args = [*TINY_PRETRAIN, "train.max_steps=40", "train.ckpt_every=5", "model.dropout=0.1"]
     args.append(f"arch={arch}")
@@ -144,3 +144,18 @@ def test_objective_must_fit_the_family() -> None:
     with pytest.raises(UserError, match="field 'objective': next_token does not fit arch=encoder"):
         C.load(PretrainConfig, None, ["arch=encoder", "objective=next_token"])
     assert C.load(PretrainConfig, None, ["arch=encoder"]).resolved_objective == "masked_lm"
+
+
+def test_span_corruption_learns_far_above_unigram_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "t5"
+    last = run(
+        out, "arch=encoder-decoder", "train.max_steps=300", "train.eval_every=300", "optim.lr=3e-3"
+    )
+    rows = read_metrics(out / "metrics.jsonl")
+    first_loss = next(r["loss"] for r in rows if "loss" in r)
+    assert last["val_acc"] > rows[0]["unigram_val_acc"] + 0.15
+    assert last["loss"] < first_loss - 1.0
+    model, tok, config = load_model(out, family="encoder-decoder")
+    assert (
+        config["extra_vocab"] > 0 and model.cfg.vocab_size == tok.vocab_size + config["extra_vocab"]
+    )
