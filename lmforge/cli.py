@@ -242,7 +242,8 @@ def generate(
         if as_json:
             click.echo(json.dumps({"prompt": prompt, "completion": text}))
         else:
-            click.echo(prompt + text)
+            sep = " => " if isinstance(model, EncoderDecoder) else ""
+            click.echo(prompt + sep + text)
 
 
 @cli.command("fill-mask")
