@@ -82,13 +82,8 @@ def generate(
             positions = (keys_valid.sum(dim=1, keepdim=True) - 1) if padded else None
             mask = keys_valid[:, None, None, :] if padded else None  # (B, 1, 1, S)
         logits = model(x, positions=positions, mask=mask, cache=cache)[:, -1]  # (B, V)
-        nxt = sample_next(
-            logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen
-        )
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        nxt = _next_tokens(logits, cfg, gen, done, pad_id, eos_id)
         out[:, n] = nxt
-        if eos_id is not None:
-            done |= nxt == eos_id
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         keys_valid = torch.cat([keys_valid, torch.ones_like(done)[:, None]], dim=1)
         if bool(done.all()):
@@ -141,18 +136,32 @@ def generate_seq2seq(
     for n in range(cfg.max_new_tokens):
         x = tgt if cache is None or n == 0 else tgt[:, -1:]
         logits = model.decode(x, memory_kv, memory_mask=src_mask, cache=cache)[:, -1]
-        nxt = sample_next(
-            logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen
-        )
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        nxt = _next_tokens(logits, cfg, gen, done, pad_id, eos_id)
         out[:, n] = nxt
-        if eos_id is not None:
-            done |= nxt == eos_id
         tgt = torch.cat([tgt, nxt[:, None]], dim=1)
         if bool(done.all()):
             break
     model.train(was_training)
     return _cut_at_eos(out[:, : n + 1], eos_id)
+
+
+def _next_tokens(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    gen: torch.Generator,
+    done: torch.Tensor,
+    pad_id: int,
+    eos_id: int | None,
+) -> torch.Tensor:
+    """Sample the next ids (B,) from logits (B, V); finished rows get pad. Marks rows that just
+    emitted eos in `done` (in place)."""
+    nxt = sample_next(
+        logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen
+    )
+    nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+    if eos_id is not None:
+        done |= nxt == eos_id
+    return nxt
 
 
 def _cut_at_eos(out: torch.Tensor, eos_id: int | None) -> list[list[int]]:
