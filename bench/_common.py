@@ -12,7 +12,10 @@ import json
 import os
 import platform
 import statistics
+import tempfile
+import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+from lmforge.objectives.lm import token_loss  # noqa: E402
+from lmforge.runtime import autocast_dtype  # noqa: E402
+from lmforge.training.loop import train_step  # noqa: E402
+from lmforge.training.optim import OptimConfig, build_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -125,3 +133,167 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# --- training throughput (train_throughput, encoder_throughput, encoder_decoder_throughput) ---
+
+# One optimizer step: step(inputs, targets, i); inputs is whatever the model is called with.
+Step = Callable[[Any, torch.Tensor, int], None]
+COMPILED = "lmforge_compile"  # the variant whose first step is its compile
+
+
+def throughput_args(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, Any]:
+    """Adds the throughput flags to `p`, parses, applies `--quick`, runs `setup`, and points
+    TorchInductor at a fresh cache unless `--keep-inductor-cache`. Returns the args and that
+    cache's TemporaryDirectory (removed at exit; keep a reference to it)."""
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per repeat")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--keep-inductor-cache", action="store_true", help="warm torch.compile cache")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.repeats = 3, 1, 1
+    args.warmup = max(args.warmup, 1)  # the first step of a compiled model is its compile
+    setup(args.threads, args.seed)
+    inductor_dir = tempfile.TemporaryDirectory(prefix="lmforge-bench-")  # removed at exit
+    if not args.keep_inductor_cache:  # compile time as a first run on a machine pays it
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir.name
+    return args, inductor_dir
+
+
+def lmforge_step(model: torch.nn.Module, compiled: bool) -> Step:
+    """A step as `lmforge.training.pretrain` runs it: `build_optimizer(model, OptimConfig())`,
+    autocast dtype from `autocast_dtype("auto", cpu)`, `train_step(..., token_loss,
+    grad_clip=1.0)`, with `forward=torch.compile(model)` when `compiled`."""
+    device = torch.device("cpu")
+    model = model.to(device)
+    optimizer = build_optimizer(model, OptimConfig())
+    dtype = autocast_dtype("auto", device)
+    fwd = torch.compile(model) if compiled else model
+    model.train()
+
+    def step(inputs: Any, targets: torch.Tensor, i: int) -> None:
+        train_step(
+            model,
+            optimizer,
+            [(inputs, targets)],
+            token_loss,
+            n_micro=1,
+            device=device,
+            dtype=dtype,
+            grad_clip=1.0,
+            step=i,
+            forward=fwd,
+        )
+
+    return step
+
+
+def time_variants(
+    steps: dict[str, Step],
+    batches: Sequence[tuple[Any, torch.Tensor]],
+    args: argparse.Namespace,
+    tokens_per_step: int,
+) -> tuple[dict[str, list[list[float]]], float | None]:
+    """Per repeat, each variant in turn (interleaved, so slow phases of a shared machine hit
+    all): `args.warmup` untimed steps on batches 0.., then `args.steps` timed steps on the
+    batches after them. Returns the timed step seconds per variant and repeat, and the wall
+    time of the compiled variant's first step (its compile) or None."""
+    times: dict[str, list[list[float]]] = {v: [] for v in steps}
+    first_step_s = None
+    for r in range(args.repeats):
+        for v, step in steps.items():
+            for i in range(args.warmup):
+                inputs, targets = batches[i]
+                t0 = time.perf_counter()
+                step(inputs, targets, i)
+                if r == 0 and i == 0 and v == COMPILED:
+                    first_step_s = time.perf_counter() - t0
+            rep = []
+            for i in range(args.warmup, args.warmup + args.steps):
+                inputs, targets = batches[i]
+                t0 = time.perf_counter()
+                step(inputs, targets, i)
+                rep.append(time.perf_counter() - t0)
+            times[v].append(rep)
+            print(f"  repeat {r + 1} {v}: {tokens_per_step / median(rep):,.0f} tok/s", flush=True)
+    return times, first_step_s
+
+
+def per_token_metrics(
+    tokens_per_step: int, flops_ours: float, flops_peer: float
+) -> Callable[[str, float], dict[str, float]]:
+    """`metrics` for `throughput_result` from training FLOPs per token, lmforge's and the
+    peer's: tokens/s, FLOPs per token and MFU."""
+
+    def metrics(v: str, med: float) -> dict[str, float]:
+        flops = flops_ours if v.startswith("lmforge") else flops_peer
+        tps = tokens_per_step / med
+        return {"tokens_per_s": tps, "flops_per_token": flops, "mfu": tps * flops / CPU_PEAK_FLOPS}
+
+    return metrics
+
+
+def throughput_result(
+    times: dict[str, list[list[float]]],
+    first_step_s: float | None,
+    metrics: Callable[[str, float], dict[str, Any]],
+    target: float,
+    **head: Any,
+) -> dict[str, Any]:
+    """One shape's result: `head` (shape, data settings), then per variant the raw and median
+    step seconds followed by `metrics(variant, median step s)` (which holds tokens_per_s), the
+    compile time (first compiled step minus a typical step) and lmforge best vs peer best."""
+    out = {}
+    for v, reps in times.items():
+        med = median([t for rep in reps for t in rep])
+        out[v] = {"step_s_raw": reps, "step_s_median": med, **metrics(v, med)}
+    compile_s = None
+    if first_step_s is not None:  # the first step's excess over a typical step
+        compile_s = first_step_s - out[COMPILED]["step_s_median"]
+    ours = max(out[v]["tokens_per_s"] for v in out if v.startswith("lmforge"))
+    peer = max(out["hf_fp32"]["tokens_per_s"], out["hf_bf16"]["tokens_per_s"])
+    return {
+        **head,
+        "lmforge_autocast": str(autocast_dtype("auto", torch.device("cpu"))),
+        "compile_s": compile_s,
+        "compile_first_step_s": first_step_s,
+        "variants": out,
+        "lmforge_best_tokens_per_s": ours,
+        "peer_best_tokens_per_s": peer,
+        "ratio": ours / peer,
+        "target_ratio": target,
+        "meets_target": ours / peer >= target,
+    }
+
+
+def write_throughput(
+    name: str, args: argparse.Namespace, target: str, results: dict[str, Any]
+) -> None:
+    payload = {
+        "benchmark": name,
+        "quick": args.quick,
+        "machine": machine_info(),
+        "settings": vars(args),
+        "target": target,
+        "results": results,
+    }
+    write_json(result_path(name, args.quick), payload)
+
+
+def throughput_rows(
+    result: dict[str, Any], prefix: Sequence[Any] = (), extra: Sequence[str] = ()
+) -> list[list[Any]]:
+    """Table rows for one result: per variant `prefix`, name, tok/s, the `extra` variant
+    fields, MFU, step s; then the best/best ratio and, if measured, the compile time."""
+    pad = [""] * len(extra)
+    rows = [
+        [*prefix, v, o["tokens_per_s"], *(o[k] for k in extra)]
+        + [f"{o['mfu']:.1%}", f"{o['step_s_median']:.4f}"]
+        for v, o in result["variants"].items()
+    ]
+    ratio = f"{result['ratio']:.2f}x"
+    rows.append([*prefix, "ratio best/best", ratio, *pad, f"target {result['target_ratio']}x", ""])
+    if result["compile_s"] is not None:
+        rows.append([*prefix, "compile time", f"{result['compile_s']:.1f} s", *pad, "", ""])
+    return rows

@@ -45,10 +45,6 @@ Results: bench/results/encoder_decoder_throughput.json.
 
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import _common as common
@@ -57,18 +53,14 @@ import torch
 from lmforge.data.spans import SpanConfig, corrupt_spans, lengths_for, raw_length_for, span_counts
 from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.models.transformer import TransformerConfig
-from lmforge.objectives.lm import token_loss
-from lmforge.runtime import autocast_dtype
-from lmforge.training.loop import train_step
-from lmforge.training.optim import OptimConfig, build_optimizer
 
 TARGET = 1.5
 N_SPECIAL = 9  # len(lmforge.tokenizers.algos.SPECIAL_TOKENS)
 BOS_ID = 1  # lmforge's <|bos|>
 EOS_ID = 2  # lmforge's <|eos|>
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs (B, I), dec_in, targets (B, T))
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]
+# ((inputs (B, I), dec_in (B, T)), targets (B, T)): the model is called as model(inputs, dec_in)
+Batch = tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -158,33 +150,8 @@ def span_batches(s: Shape, n: Lengths, spans: SpanConfig, count: int, seed: int)
         )
         assert inputs.shape == (s.batch, n.input) and targets.shape == (s.batch, n.target)
         dec_in = torch.cat([torch.full_like(targets[:, :1], BOS_ID), targets[:, :-1]], dim=1)
-        out.append((inputs, dec_in, targets))
+        out.append(((inputs, dec_in), targets))
     return out
-
-
-def lmforge_step(cfg: TransformerConfig, compiled: bool) -> Step:
-    device = torch.device("cpu")
-    model = EncoderDecoder(cfg).to(device)
-    optimizer = build_optimizer(model, OptimConfig())
-    dtype = autocast_dtype("auto", device)
-    fwd = torch.compile(model) if compiled else model
-    model.train()
-
-    def step(x: torch.Tensor, dec_in: torch.Tensor, y: torch.Tensor, i: int) -> None:
-        train_step(
-            model,
-            optimizer,
-            [((x, dec_in), y)],
-            token_loss,
-            n_micro=1,
-            device=device,
-            dtype=dtype,
-            grad_clip=1.0,
-            step=i,
-            forward=fwd,
-        )
-
-    return step
 
 
 def hf_t5(s: Shape, n: Lengths, d_ff: int) -> torch.nn.Module:
@@ -209,12 +176,13 @@ def hf_t5(s: Shape, n: Lengths, d_ff: int) -> torch.nn.Module:
     return T5ForConditionalGeneration(cfg)
 
 
-def t5_step(s: Shape, n: Lengths, d_ff: int, bf16: bool) -> Step:
+def t5_step(s: Shape, n: Lengths, d_ff: int, bf16: bool) -> common.Step:
     model = hf_t5(s, n, d_ff)
     model.train()
     optimizer = common.peer_adamw(model.parameters(), lr=1e-3)
 
-    def step(x: torch.Tensor, dec_in: torch.Tensor, y: torch.Tensor, i: int) -> None:
+    def step(inputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, i: int) -> None:
+        x, dec_in = inputs
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             loss = model(input_ids=x, decoder_input_ids=dec_in, labels=y).loss  # HF's CE
         loss.backward()
@@ -226,19 +194,7 @@ def t5_step(s: Shape, n: Lengths, d_ff: int, bf16: bool) -> Step:
 
 
 def main() -> None:
-    p = common.base_parser(__doc__)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per repeat")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    p.add_argument("--keep-inductor-cache", action="store_true", help="warm torch.compile cache")
-    args = p.parse_args()
-    if args.quick:
-        args.steps, args.warmup, args.repeats = 3, 1, 1
-    args.warmup = max(args.warmup, 1)  # the first step of a compiled model is its compile
-    common.setup(args.threads, args.seed)
-    inductor_dir = tempfile.TemporaryDirectory(prefix="lmforge-bench-")  # removed at exit
-    if not args.keep_inductor_cache:  # compile time as a first run on a machine pays it
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir.name
+    args, _inductor_dir = common.throughput_args(common.base_parser(__doc__))
 
     s, spans = SHAPE, SpanConfig()
     n = Lengths.of(s, spans)
@@ -251,29 +207,13 @@ def main() -> None:
     batches = span_batches(s, n, spans, args.warmup + args.steps, args.seed)
     # Ours and the peer's alternate, so slow phases of a shared machine hit both.
     steps = {
-        "lmforge_eager": lmforge_step(cfg, compiled=False),
+        "lmforge_eager": common.lmforge_step(EncoderDecoder(cfg), compiled=False),
         "hf_fp32": t5_step(s, n, d_ff, bf16=False),
     }
     if not args.no_compile:
-        steps["lmforge_compile"] = lmforge_step(cfg, compiled=True)
+        steps["lmforge_compile"] = common.lmforge_step(EncoderDecoder(cfg), compiled=True)
     steps["hf_bf16"] = t5_step(s, n, d_ff, bf16=True)
-    order = list(steps)
-    times: dict[str, list[list[float]]] = {v: [] for v in order}
-    first_step_s = None
-    for r in range(args.repeats):
-        for v in order:
-            for i in range(args.warmup):
-                t0 = time.perf_counter()
-                steps[v](*batches[i], i)
-                if r == 0 and i == 0 and v == "lmforge_compile":
-                    first_step_s = time.perf_counter() - t0
-            rep = []
-            for i in range(args.warmup, args.warmup + args.steps):
-                t0 = time.perf_counter()
-                steps[v](*batches[i], i)
-                rep.append(time.perf_counter() - t0)
-            times[v].append(rep)
-            print(f"  repeat {r + 1} {v}: {tokens / common.median(rep):,.0f} tok/s", flush=True)
+    times, first_step_s = common.time_variants(steps, batches, args, tokens)
 
     assert cfg.kv_heads == cfg.n_head  # the FLOPs formula assumes full multi-head attention
     shared = dict(n_enc=s.n_layer, n_dec=s.n_decoder_layer, batch=s.batch)
@@ -294,73 +234,41 @@ def main() -> None:
         **shared,
         **lengths,
     )
-    out = {}
-    for v in order:
-        med = common.median([t for rep in times[v] for t in rep])
+
+    def metrics(v: str, med: float) -> dict[str, float]:
         flops = flops_ours if v.startswith("lmforge") else flops_t5
-        out[v] = {
-            "step_s_raw": times[v],
-            "step_s_median": med,
+        return {
             "tokens_per_s": tokens / med,
             "raw_tokens_per_s": raw_tokens / med,
             "flops_per_step": flops,
             "flops_per_token": flops / tokens,
             "mfu": flops / med / common.CPU_PEAK_FLOPS,
         }
-    compile_s = None
-    if first_step_s is not None:  # the first step's excess over a typical step
-        compile_s = first_step_s - out["lmforge_compile"]["step_s_median"]
-    ours = max(out[v]["tokens_per_s"] for v in out if v.startswith("lmforge"))
-    peer = max(out["hf_fp32"]["tokens_per_s"], out["hf_bf16"]["tokens_per_s"])
-    result = {
-        "shape": s.__dict__,
-        "lengths": n.__dict__,
-        "d_ff": d_ff,
-        "tokens_per_step": tokens,
-        "raw_tokens_per_step": raw_tokens,
-        "spans": {
-            **spans.__dict__,
-            "first_sentinel": s.vocab,
-            "eos_id": EOS_ID,
-            "bos_id": BOS_ID,
-            "raw_id_range": [N_SPECIAL, s.vocab],
-            "span_seed": "step index i",
-        },
-        "lmforge_autocast": str(autocast_dtype("auto", torch.device("cpu"))),
-        "compile_s": compile_s,
-        "compile_first_step_s": first_step_s,
-        "variants": out,
-        "lmforge_best_tokens_per_s": ours,
-        "peer_best_tokens_per_s": peer,
-        "ratio": ours / peer,
-        "target_ratio": TARGET,
-        "meets_target": ours / peer >= TARGET,
-    }
 
-    payload = {
-        "benchmark": "encoder_decoder_throughput",
-        "quick": args.quick,
-        "machine": common.machine_info(),
-        "settings": vars(args),
-        "target": f"lmforge encoder-decoder best >= {TARGET}x T5ForConditionalGeneration best "
-        "tokens/s",
-        "results": {"encoder_decoder": result},
+    spans_info = {
+        **spans.__dict__,
+        "first_sentinel": s.vocab,
+        "eos_id": EOS_ID,
+        "bos_id": BOS_ID,
+        "raw_id_range": [N_SPECIAL, s.vocab],
+        "span_seed": "step index i",
     }
-    common.write_json(common.result_path("encoder_decoder_throughput", args.quick), payload)
-    rows = []
-    for v, o in out.items():
-        rows.append(
-            [
-                v,
-                o["tokens_per_s"],
-                o["raw_tokens_per_s"],
-                f"{o['mfu']:.1%}",
-                f"{o['step_s_median']:.4f}",
-            ]
-        )
-    rows.append(["ratio best/best", f"{result['ratio']:.2f}x", "", f"target {TARGET}x", ""])
-    if compile_s is not None:
-        rows.append(["compile time", f"{compile_s:.1f} s", "", "", ""])
+    result = common.throughput_result(
+        times,
+        first_step_s,
+        metrics,
+        TARGET,
+        shape=s.__dict__,
+        lengths=n.__dict__,
+        d_ff=d_ff,
+        tokens_per_step=tokens,
+        raw_tokens_per_step=raw_tokens,
+        spans=spans_info,
+    )
+
+    target = f"lmforge encoder-decoder best >= {TARGET}x T5ForConditionalGeneration best tokens/s"
+    common.write_throughput("encoder_decoder_throughput", args, target, {"encoder_decoder": result})
+    rows = common.throughput_rows(result, extra=["raw_tokens_per_s"])
     print(common.table(["variant", "tok/s", "raw tok/s", "MFU", "step s"], rows))
 
 

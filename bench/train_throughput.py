@@ -28,10 +28,6 @@ Data: none (random tokens). Results: bench/results/train_throughput.json.
 
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import _common as common
@@ -40,11 +36,7 @@ import torch.nn.functional as F
 
 from lmforge.models.decoder import Decoder
 from lmforge.models.transformer import TransformerConfig
-from lmforge.objectives.lm import token_loss
-from lmforge.runtime import autocast_dtype
-from lmforge.training.loop import train_step
 from lmforge.training.metrics import decoder_flops_per_token
-from lmforge.training.optim import OptimConfig, build_optimizer
 
 TARGET = 1.5
 
@@ -81,32 +73,7 @@ def decoder_config(s: Shape) -> TransformerConfig:
     )
 
 
-def lmforge_step(s: Shape, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
-    device = torch.device("cpu")
-    model = Decoder(decoder_config(s)).to(device)
-    optimizer = build_optimizer(model, OptimConfig())
-    dtype = autocast_dtype("auto", device)
-    fwd = torch.compile(model) if compiled else model
-    model.train()
-
-    def step(x: torch.Tensor, y: torch.Tensor, i: int) -> None:
-        train_step(
-            model,
-            optimizer,
-            [(x, y)],
-            token_loss,
-            n_micro=1,
-            device=device,
-            dtype=dtype,
-            grad_clip=1.0,
-            step=i,
-            forward=fwd,
-        )
-
-    return step
-
-
-def gpt2_step(s: Shape, bf16: bool) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
+def gpt2_step(s: Shape, bf16: bool) -> common.Step:
     model = common.hf_gpt2(
         vocab=s.vocab, context=s.context, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd
     )
@@ -128,18 +95,7 @@ def gpt2_step(s: Shape, bf16: bool) -> Callable[[torch.Tensor, torch.Tensor, int
 def main() -> None:
     p = common.base_parser(__doc__)
     p.add_argument("--shapes", default="large,baby", help="comma-separated: large,baby")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per repeat")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    p.add_argument("--keep-inductor-cache", action="store_true", help="warm torch.compile cache")
-    args = p.parse_args()
-    if args.quick:
-        args.steps, args.warmup, args.repeats = 3, 1, 1
-    args.warmup = max(args.warmup, 1)  # the first step of a compiled model is its compile
-    common.setup(args.threads, args.seed)
-    inductor_dir = tempfile.TemporaryDirectory(prefix="lmforge-bench-")  # removed at exit
-    if not args.keep_inductor_cache:  # compile time as a first run on a machine pays it
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir.name
+    args, _inductor_dir = common.throughput_args(p)
 
     results = {}
     for name in args.shapes.split(","):
@@ -149,84 +105,27 @@ def main() -> None:
         data = torch.randint(0, s.vocab, (s.batch, s.context + 1), generator=g)
         x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
         # Ours and the peer's alternate, so slow phases of a shared machine hit both.
+        cfg = decoder_config(s)
         steps = {
-            "lmforge_eager": lmforge_step(s, compiled=False),
+            "lmforge_eager": common.lmforge_step(Decoder(cfg), compiled=False),
             "hf_fp32": gpt2_step(s, bf16=False),
         }
         if not args.no_compile:
-            steps["lmforge_compile"] = lmforge_step(s, compiled=True)
+            steps["lmforge_compile"] = common.lmforge_step(Decoder(cfg), compiled=True)
         steps["hf_bf16"] = gpt2_step(s, bf16=True)
-        order = list(steps)
-        times: dict[str, list[list[float]]] = {v: [] for v in order}
-        first_step_s = None
-        for r in range(args.repeats):
-            for v in order:
-                for i in range(args.warmup):
-                    t0 = time.perf_counter()
-                    steps[v](x, y, i)
-                    if r == 0 and i == 0 and v == "lmforge_compile":
-                        first_step_s = time.perf_counter() - t0
-                rep = []
-                for i in range(args.steps):
-                    t0 = time.perf_counter()
-                    steps[v](x, y, i)
-                    rep.append(time.perf_counter() - t0)
-                times[v].append(rep)
-                print(
-                    f"  repeat {r + 1} {v}: {s.batch * s.context / common.median(rep):,.0f} tok/s"
-                )
+        tokens = s.batch * s.context
+        batches = [(x, y)] * (args.warmup + args.steps)  # the same batch at every step
+        times, first_step_s = common.time_variants(steps, batches, args, tokens)
 
-        flops_ours = decoder_flops_per_token(decoder_config(s), s.context)
-        flops = {
-            v: flops_ours if v.startswith("lmforge") else gpt2_flops_per_token(s) for v in order
-        }
-        out = {}
-        for v in order:
-            med = common.median([t for rep in times[v] for t in rep])
-            tps = s.batch * s.context / med
-            out[v] = {
-                "step_s_raw": times[v],
-                "step_s_median": med,
-                "tokens_per_s": tps,
-                "flops_per_token": flops[v],
-                "mfu": tps * flops[v] / common.CPU_PEAK_FLOPS,
-            }
-        compile_s = None
-        if first_step_s is not None:  # the first step's excess over a typical step
-            compile_s = first_step_s - out["lmforge_compile"]["step_s_median"]
-        ours = max(out[v]["tokens_per_s"] for v in out if v.startswith("lmforge"))
-        peer = max(out["hf_fp32"]["tokens_per_s"], out["hf_bf16"]["tokens_per_s"])
-        results[name] = {
-            "shape": s.__dict__,
-            "lmforge_autocast": str(autocast_dtype("auto", torch.device("cpu"))),
-            "compile_s": compile_s,
-            "compile_first_step_s": first_step_s,
-            "variants": out,
-            "lmforge_best_tokens_per_s": ours,
-            "peer_best_tokens_per_s": peer,
-            "ratio": ours / peer,
-            "target_ratio": TARGET,
-            "meets_target": ours / peer >= TARGET,
-        }
+        flops_ours = decoder_flops_per_token(cfg, s.context)
+        metrics = common.per_token_metrics(tokens, flops_ours, gpt2_flops_per_token(s))
+        results[name] = common.throughput_result(
+            times, first_step_s, metrics, TARGET, shape=s.__dict__
+        )
 
-    payload = {
-        "benchmark": "train_throughput",
-        "quick": args.quick,
-        "machine": common.machine_info(),
-        "settings": vars(args),
-        "target": f"lmforge best >= {TARGET}x peer best tokens/s at every shape",
-        "results": results,
-    }
-    common.write_json(common.result_path("train_throughput", args.quick), payload)
-    rows = []
-    for name, res in results.items():
-        for v, o in res["variants"].items():
-            rows.append(
-                [name, v, o["tokens_per_s"], f"{o['mfu']:.1%}", f"{o['step_s_median']:.4f}"]
-            )
-        rows.append([name, "ratio best/best", f"{res['ratio']:.2f}x", f"target {TARGET}x", ""])
-        if res["compile_s"] is not None:
-            rows.append([name, "compile time", f"{res['compile_s']:.1f} s", "", ""])
+    target = f"lmforge best >= {TARGET}x peer best tokens/s at every shape"
+    common.write_throughput("train_throughput", args, target, results)
+    rows = [row for name, res in results.items() for row in common.throughput_rows(res, [name])]
     print(common.table(["shape", "variant", "tok/s", "MFU", "step s"], rows))
 
 
