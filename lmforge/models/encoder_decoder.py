@@ -21,16 +21,13 @@ import torch
 from torch import nn
 
 from lmforge.models.kv_cache import KVCache
-from lmforge.models.layers import Block, CrossBlock, RMSNorm, rope_tables
+from lmforge.models.layers import Block, CrossBlock, RMSNorm, Rotary
 from lmforge.models.transformer import TransformerConfig, init_parameters
 
 MemoryKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: (B, Hkv, S, hs) each
 
 
 class EncoderDecoder(nn.Module):
-    rope_cos: torch.Tensor
-    rope_sin: torch.Tensor
-
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         if cfg.vocab_size < 1:
@@ -46,25 +43,16 @@ class EncoderDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rotary = Rotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
         init_parameters(self, cfg.init_std, cfg.n_layer + n_dec)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if non_embedding else n
 
-    def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
-            )
-        return self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None]
-
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder output (B, S, D) for input ids (B, S); src_mask (B, 1, 1, S) hides padding."""
-        cos, sin = self._rope(0, src.size(1))
+        cos, sin = self.rotary(0, src.size(1))
         x = self.tok_emb(src)
         for block in self.encoder:
             x = block(x, cos, sin, src_mask)
@@ -83,7 +71,7 @@ class EncoderDecoder(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) for decoder input ids (B, T), continuing after the cache if given."""
         start = cache.length if cache is not None else 0
-        cos, sin = self._rope(start, tgt.size(1))
+        cos, sin = self.rotary(start, tgt.size(1))
         x = self.tok_emb(tgt)
         for i, block in enumerate(self.decoder):
             x = block(x, cos, sin, memory_kv[i], memory_mask, cache, i)

@@ -46,6 +46,32 @@ def rope_tables(head_size: int, max_len: int, theta: float) -> tuple[torch.Tenso
     return cos.float(), sin.float()
 
 
+class Rotary(nn.Module):
+    """The rotary tables of a model and the (cos, sin) slices a forward pass needs."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __init__(self, head_size: int, max_len: int, theta: float):
+        super().__init__()
+        cos, sin = rope_tables(head_size, max_len, theta)
+        # Derived from the config, so not saved in checkpoints.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.max_len = max_len
+
+    def forward(
+        self, start: int, T: int, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) shaped (T, 1, hs) for positions start..start+T-1, or (B, T, 1, hs) for
+        explicit positions (B, T), ready to broadcast over (B, T, heads, hs)."""
+        if positions is not None:
+            return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+        if start + T > self.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.max_len}")
+        return self.cos[start : start + T, None], self.sin[start : start + T, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, nh, hs) by position; cos/sin broadcast as (T, 1, hs) or (B, T, 1, hs).
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from lmforge.config import check, opt
 from lmforge.models.kv_cache import KVCache
-from lmforge.models.layers import Block, RMSNorm, default_ff_width, rope_tables
+from lmforge.models.layers import Block, RMSNorm, Rotary, default_ff_width
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,9 +91,6 @@ class Transformer(nn.Module):
     """Embedding -> blocks -> final norm -> vocabulary head: what every family shares. `causal`
     picks decoder-style (masked) or encoder-style (bidirectional) self-attention."""
 
-    rope_cos: torch.Tensor
-    rope_sin: torch.Tensor
-
     def __init__(self, cfg: TransformerConfig, *, causal: bool):
         super().__init__()
         if cfg.vocab_size < 1:
@@ -116,10 +113,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
-        # Derived from the config, so not saved in checkpoints.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rotary = Rotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -149,16 +143,7 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if positions is None:
-            if start + T > self.cfg.max_seq_len:
-                raise ValueError(
-                    f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
-                )
-            cos = self.rope_cos[start : start + T, None]  # (T, 1, hs)
-            sin = self.rope_sin[start : start + T, None]
-        else:
-            cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, hs)
-            sin = self.rope_sin[positions].unsqueeze(2)
+        cos, sin = self.rotary(start, T, positions)
         x = self.tok_emb(idx)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
