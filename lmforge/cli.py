@@ -21,15 +21,22 @@ from lmforge import config as C
 from lmforge.data.corpora import DataConfig, load_corpus
 from lmforge.data.world import WorldConfig, write_world
 from lmforge.errors import UserError
+from lmforge.evaluation.tasks import EvalConfig
+from lmforge.generation.chat import ChatSession
 from lmforge.generation.generate import SamplingConfig, generate_seq2seq
 from lmforge.generation.generate import generate as run_generate
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.training.checkpoint import load_model
+from lmforge.training.evaluate import eval_table
+from lmforge.training.evaluate import evaluate as run_eval
 from lmforge.training.pretrain import PretrainConfig, resume_config
 from lmforge.training.pretrain import pretrain as run_pretrain
 from lmforge.training.rundir import check_new_output
+from lmforge.training.sft import SFTConfig
+from lmforge.training.sft import resume_config as sft_resume_config
+from lmforge.training.sft import sft as run_sft
 
 
 def _options_epilog(cls: type) -> str:
@@ -179,6 +186,132 @@ def pretrain(
     last = run_pretrain(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     keys = ("step", "loss", "val_loss", "val_acc", "val_bpb", "tokens_per_s")
     click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+
+
+# ---------------------------------------------------------------------------------------------
+# sft
+
+
+@cli.command(epilog=_options_epilog(SFTConfig))
+@_stage_options
+@click.option(
+    "--model", "model_dir", type=click.Path(path_type=Path), help="Base model folder (model=...)."
+)
+@click.option(
+    "--data",
+    multiple=True,
+    help="Instruction file (.json/.jsonl, Alpaca/Dolly/chat/prompt-completion), hf:NAME, or "
+    "'world' (default); repeat for several.",
+)
+def sft(
+    model_dir: Path | None,
+    data: tuple[str, ...],
+    out: Path,
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Fine-tune a pretrained model on instructions (default: the task world's tasks)."""
+    flags = [f"model={model_dir}"] if model_dir else []
+    flags += [f"data={','.join(data)}"] if data else []
+    overrides = (*flags, *overrides)
+    if resume:
+        cfg = sft_resume_config(out, config_file, overrides)
+    else:
+        cfg = C.load(SFTConfig, config_file, overrides)
+    last = run_sft(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    keys = ("step", "loss", "val_loss", "val_em", "val_stop_rate", "tokens_per_s")
+    click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+@cli.command("eval", epilog=_options_epilog(EvalConfig))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--tasks",
+    type=click.Choice(["world"]),
+    default="world",
+    show_default=True,
+    help="Task suite: the world's held-out instruction tasks.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Folder for metrics.jsonl and answers.jsonl [default: MODEL/eval].",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def eval_(
+    model_dir: Path, tasks: str, out: Path | None, quiet: bool, overrides: tuple[str, ...]
+) -> None:
+    """Exact-match accuracy per task on held-out prompts, greedy decoding (few-shot for base
+    models, the chat template for fine-tuned ones)."""
+    cfg = C.load(EvalConfig, None, overrides)
+    row = run_eval(model_dir, cfg, out or model_dir / "eval", progress=not quiet)
+    for line in eval_table(row):
+        click.echo(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# chat
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--system", default="", help="System prompt.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def chat(
+    model_dir: Path, system: str, max_new_tokens: int, temperature: float, top_p: float, seed: int
+) -> None:
+    """Talk with a fine-tuned model in the terminal; /reset starts over, /quit leaves."""
+    sampling = C.build(
+        SamplingConfig,
+        {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        },
+        source="chat options",
+    )
+    model, tok, config = load_model(model_dir)
+    if config.get("stage") == "pretrain":
+        click.echo("note: this is a base model; it has not learned the chat format", err=True)
+    session = ChatSession(model, tok, sampling, system)
+    click.echo("chat: /reset starts over, /quit leaves")
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            break
+        if text.strip() == "/quit":
+            break
+        if text.strip() == "/reset":
+            session.reset()
+            click.echo("(conversation cleared)")
+            continue
+        if not text.strip():
+            continue
+        click.echo("model> ", nl=False)
+        dropped = session.dropped
+        try:
+            session.reply(text, on_text=lambda piece: click.echo(piece, nl=False))
+        except UserError as e:
+            click.echo(f"\n(error: {e})")
+            continue
+        click.echo()
+        if session.dropped > dropped:
+            click.echo(
+                f"(dropped the oldest exchange to fit the context of {model.cfg.max_seq_len})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,12 +171,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise _PathError(prefix + key, f"unknown field{hint}")
     kwargs: dict[str, Any] = {}
-    for name in fields:
+    for name, f in fields.items():
         if name not in data:
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], prefix + name + ".")  # type: ignore[arg-type]
+            # Start from the parent's default for this section (SFT's TrainConfig has its own
+            # defaults), so overriding one key keeps the section's other defaults.
+            section, default = data[name], _default(f)
+            if isinstance(section, dict) and dataclasses.is_dataclass(default):
+                section = merge(to_dict(default), section)
+            kwargs[name] = _build(tp, section, prefix + name + ".")  # type: ignore[arg-type]
         else:
             kwargs[name] = _convert(data[name], tp, prefix + name)
     try:
@@ -269,20 +274,34 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows of (dotted key, type, default, help) for every leaf option, for `--help`."""
+def describe(
+    cls: type, prefix: str = "", defaults: Any = None
+) -> list[tuple[str, str, str, str]]:
+    """Rows of (dotted key, type, default, help) for every leaf option, for `--help`.
+    `defaults` is the section's default instance when a parent sets its own."""
     rows: list[tuple[str, str, str, str]] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
+        default = _default(f)
+        if defaults is not None:
+            default = getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, prefix + f.name + "."))  # type: ignore[arg-type]
+            section = default if dataclasses.is_dataclass(default) else None
+            rows.extend(describe(tp, prefix + f.name + ".", section))  # type: ignore[arg-type]
             continue
-        default = f.default if f.default is not dataclasses.MISSING else "(required)"
         rows.append((prefix + f.name, _type_name(tp), _fmt(default), f.metadata.get("help", "")))
     return rows
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
 
 
 def _type_name(tp: Any) -> str:

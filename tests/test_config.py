@@ -100,3 +100,14 @@ def test_yaml_exponent_floats_and_toml_dates(tmp_path: Path) -> None:
     t.write_text("rate = 2024-01-01\n")
     with pytest.raises(UserError, match="field 'rate': expected a number"):
         C.load(Outer, t)
+
+
+def test_overriding_one_key_keeps_the_parents_own_section_defaults() -> None:
+    # SFTConfig sets its own TrainConfig defaults; one override must not reset the others.
+    from lmforge.training.sft import SFTConfig
+
+    cfg = C.load(SFTConfig, None, ["model=base", "train.max_steps=7"])
+    assert cfg.train.max_steps == 7
+    assert cfg.train.batch_size == SFTConfig(model="base").train.batch_size != 16
+    rows = {k: d for k, _, d, _ in C.describe(SFTConfig)}
+    assert rows["train.max_steps"] == str(SFTConfig(model="x").train.max_steps)

@@ -11,6 +11,7 @@ Shape legend: B batch, P padded prompt length, S sequence so far.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,12 @@ def generate(
     *,
     eos_id: int | None,
     pad_id: int = 0,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt, stopping after eos (which is not returned)."""
+    """New token ids for each prompt, stopping after eos (which is not returned).
+
+    `on_step` sees each step's new ids (B,) as they are chosen, for streaming output.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("generate: every prompt needs at least one token")
     device = model.tok_emb.weight.device
@@ -84,6 +89,8 @@ def generate(
         logits = model(x, positions=positions, mask=mask, cache=cache)[:, -1]  # (B, V)
         nxt = _next_tokens(logits, cfg, gen, done, pad_id, eos_id)
         out[:, n] = nxt
+        if on_step is not None:
+            on_step(nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         keys_valid = torch.cat([keys_valid, torch.ones_like(done)[:, None]], dim=1)
         if bool(done.all()):
@@ -101,6 +108,7 @@ def generate_seq2seq(
     start_id: int,
     eos_id: int | None,
     pad_id: int = 0,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Output ids for each input of an encoder-decoder, stopping after eos (not returned).
 
@@ -138,6 +146,8 @@ def generate_seq2seq(
         logits = model.decode(x, memory_kv, memory_mask=src_mask, cache=cache)[:, -1]
         nxt = _next_tokens(logits, cfg, gen, done, pad_id, eos_id)
         out[:, n] = nxt
+        if on_step is not None:
+            on_step(nxt)
         tgt = torch.cat([tgt, nxt[:, None]], dim=1)
         if bool(done.all()):
             break

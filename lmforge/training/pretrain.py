@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 from lmforge.config import check, opt, to_dict
-from lmforge.config import load as load_config
 from lmforge.data.corpora import Corpus, DataConfig, load_corpus
 from lmforge.data.masking import MaskingConfig, mask_tokens
 from lmforge.data.packing import BlockSampler, eval_blocks
@@ -55,10 +53,15 @@ from lmforge.training.metrics import (
     CPU_BF16_PEAK_FLOPS,
     MetricsWriter,
     decoder_flops_per_token,
-    read_metrics,
 )
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
-from lmforge.training.rundir import check_run_dir, run_dir
+from lmforge.training.rundir import (
+    check_resume_config,
+    check_run_dir,
+    final_row,
+    load_resume_config,
+    run_dir,
+)
 
 # Each family's objectives, its default first. The loop never branches on the family: it asks
 # OBJECTIVES for a batch transform and FAMILIES (models/__init__.py) for the model class.
@@ -195,7 +198,7 @@ def pretrain(
     """
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
     if state is not None:
-        check_resume_config(cfg, out)
+        check_resume_config(to_dict(cfg), out)
     if not cfg.tokenizer.path and state is None:
         check_vocab_size(cfg.tokenizer.algo, cfg.tokenizer.vocab_size)  # before reading text
     corpus = load_corpus(cfg.data)
@@ -258,7 +261,7 @@ def pretrain(
         if start >= cfg.train.max_steps:
             metrics.close()
             tqdm.write(f"{out}: already complete at step {start} (raise train.max_steps to extend)")
-            return _final_row(out)
+            return final_row(out)
 
         bar = tqdm(
             total=cfg.train.max_steps,
@@ -386,63 +389,11 @@ def resolve_model_config(
     return model
 
 
-# Options that may change when a run is continued: its length and its bookkeeping. Anything
-# else would make the resumed run a different experiment from the one its checkpoint belongs to.
-RESUMABLE = (
-    "train.max_steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_blocks",
-    "train.ckpt_every",
-    "train.keep_checkpoints",
-)
-
-
-def saved_run_config(out: Path) -> dict[str, Any]:
-    path = out / "run_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["run"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise UserError(f"{path}: cannot read the run's saved config ({e})") from None
-
-
 def resume_config(
     out: Path, config_file: Path | None = None, overrides: Sequence[str] = ()
 ) -> PretrainConfig:
     """The saved config of the run in `out`, with a config file and overrides laid over it."""
-    source = f"{out / 'run_config.json'} (resumed)"
-    return load_config(
-        PretrainConfig, config_file, overrides, base=saved_run_config(out), source=source
-    )
-
-
-def check_resume_config(cfg: PretrainConfig, out: Path) -> None:
-    changed = _diff(to_dict(cfg), saved_run_config(out))
-    fixed = [k for k in changed if k not in RESUMABLE]
-    if fixed:
-        raise UserError(
-            f"{out}: --resume cannot change {', '.join(fixed)} (only {', '.join(RESUMABLE)}); "
-            "start a new run to change them"
-        )
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out: list[str] = []
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, prefix + k + ".")
-        elif va != vb:
-            out.append(prefix + k)
-    return out
-
-
-def _final_row(out: Path) -> dict[str, Any]:
-    last: dict[str, Any] = {}
-    for row in read_metrics(out / "metrics.jsonl"):
-        last.update(row)
-    return last
+    return load_resume_config(PretrainConfig, out, config_file, overrides)
 
 
 def print_summary(

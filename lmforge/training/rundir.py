@@ -4,17 +4,26 @@
   requires a folder with a complete checkpoint.
 - The folder is created only after all input has been validated (the caller's job), and if a
   fresh run fails before its first checkpoint, what it wrote is removed again.
+- A resumed run keeps its saved config (`run_config.json`, key "run"): only its length and
+  bookkeeping (`RESUMABLE`) may change, or it would be a different experiment from the one its
+  checkpoint belongs to.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
+from lmforge.config import load
 from lmforge.errors import UserError
 from lmforge.training.checkpoint import latest_state
+from lmforge.training.metrics import read_metrics
+
+T = TypeVar("T")
 
 
 def check_new_output(out: Path, *, overwrite: bool = False) -> None:
@@ -63,3 +72,60 @@ def run_dir(out: Path, *, fresh: bool, overwrite: bool) -> Iterator[Path]:
                 for child in out.iterdir():
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
+
+
+# Options that may change when a run is continued, in every training stage.
+RESUMABLE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_blocks",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+)
+
+
+def saved_run_config(out: Path) -> dict[str, Any]:
+    path = out / "run_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["run"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise UserError(f"{path}: cannot read the run's saved config ({e})") from None
+
+
+def load_resume_config(
+    cls: type[T], out: Path, config_file: Path | None = None, overrides: Sequence[str] = ()
+) -> T:
+    """The saved config of the run in `out`, with a config file and overrides laid over it."""
+    source = f"{out / 'run_config.json'} (resumed)"
+    return load(cls, config_file, overrides, base=saved_run_config(out), source=source)
+
+
+def check_resume_config(cfg: dict[str, Any], out: Path) -> None:
+    """Refuse a resume whose config (as a dict) changes more than `RESUMABLE`."""
+    fixed = [k for k in _diff(cfg, saved_run_config(out)) if k not in RESUMABLE]
+    if fixed:
+        raise UserError(
+            f"{out}: --resume cannot change {', '.join(fixed)} (only {', '.join(RESUMABLE)}); "
+            "start a new run to change them"
+        )
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, prefix + k + ".")
+        elif va != vb:
+            out.append(prefix + k)
+    return out
+
+
+def final_row(out: Path) -> dict[str, Any]:
+    """The last value of every metric in the run's metrics.jsonl."""
+    last: dict[str, Any] = {}
+    for row in read_metrics(out / "metrics.jsonl"):
+        last.update(row)
+    return last
