@@ -131,7 +131,7 @@ def _read_spec(spec: str, cfg: DataConfig) -> Iterator[str]:
 
 def _read_file(path: Path, cfg: DataConfig) -> Iterator[str]:
     if path.suffix == ".txt":
-        yield from _split_txt(_read_utf8(path), cfg.txt_docs)
+        yield from _split_txt(read_utf8(path), cfg.txt_docs)
     elif path.suffix == ".jsonl":
         yield from _read_jsonl(path, cfg.text_field)
     elif path.suffix == ".parquet":
@@ -140,7 +140,7 @@ def _read_file(path: Path, cfg: DataConfig) -> Iterator[str]:
         raise UserError(f"{path}: unsupported file type (use {', '.join(SUFFIXES)})")
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
@@ -160,15 +160,22 @@ def _split_txt(text: str, mode: str) -> Iterator[str]:
         yield from (p.strip("\n") for p in text.split("\n\n") if p.strip())
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a JSONL file."""
+    # Editors on Windows often save a byte-order mark, which json refuses; it holds no text.
+    text = read_utf8(path).removeprefix("\ufeff")
     # Split on \n only: str.splitlines would also cut at U+2028/U+0085 inside JSON strings.
-    for i, line in enumerate(_read_utf8(path).split("\n"), start=1):
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            yield i, json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where(path, i)}: invalid JSON ({e.msg})") from None
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+    for i, rec in read_jsonl(path):
         if not isinstance(rec, dict):
             raise UserError(f"{where(path, i)}: expected a JSON object")
         if field not in rec:

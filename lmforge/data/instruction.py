@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from lmforge.data.corpora import _read_utf8
+from lmforge.data.corpora import read_jsonl, read_utf8
 from lmforge.errors import UserError, where
 
 ROLES = ("system", "user", "assistant")
@@ -266,7 +266,7 @@ def read_instructions(spec: str) -> list[Conversation]:
         raise UserError(f"{path}: no such file")
     if path.suffix not in SUFFIXES:
         raise UserError(f"{path}: unsupported file type (use {', '.join(SUFFIXES)})")
-    records = _read_jsonl(path) if path.suffix == ".jsonl" else _read_json_array(path)
+    records = read_jsonl(path) if path.suffix == ".jsonl" else _read_json_array(path)
     conversations = [parse_record(rec, path, line) for line, rec in records]
     if not conversations:
         raise UserError(f"{path}: no records")
@@ -275,19 +275,7 @@ def read_instructions(spec: str) -> list[Conversation]:
 
 def _read_text(path: Path) -> str:
     # Editors on Windows often save a byte-order mark, which json refuses; it holds no text.
-    return _read_utf8(path).removeprefix("\ufeff")
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    # Split on \n only: str.splitlines would also cut at U+2028/U+0085 inside JSON strings.
-    for i, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where(path, i)}: invalid JSON ({e.msg})") from None
-        yield i, rec
+    return read_utf8(path).removeprefix("\ufeff")
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, narrower than str.isspace

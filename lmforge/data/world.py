@@ -203,7 +203,7 @@ def make_story(world: World, rng: random.Random) -> Story:
         templates = STORY_TEMPLATES[event]
         if "x" not in kw:  # place unknown: only templates that do not mention one
             templates = tuple(t for t in templates if "{x}" not in t)
-        sents.append(_cap(rng.choice(templates).format(**kw)))
+        sents.append(cap(rng.choice(templates).format(**kw)))
 
     def move(p: Person, place: str) -> None:
         location[p.name] = place
@@ -297,16 +297,23 @@ _ARITH_EXTRA = {
 }
 
 
-def _arithmetic_sentence(world: World, rng: random.Random, cfg: WorldConfig) -> str:
+def draw_arithmetic(
+    rng: random.Random, max_number: int, max_factor: int
+) -> tuple[int, str, int, int]:
+    """(a, op, b, result) with operands up to max_number (max_factor for "times")."""
     op = rng.choice(tuple(ARITH_OPS))
-    hi = cfg.max_factor if op == "times" else cfg.max_number
+    hi = max_factor if op == "times" else max_number
     a, b = rng.randint(0, hi), rng.randint(0, hi)
     if op == "minus" and a < b:
         a, b = b, a  # keep results non-negative: "minus" on small naturals only
-    c = ARITH_OPS[op](a, b)
+    return a, op, b, ARITH_OPS[op](a, b)
+
+
+def _arithmetic_sentence(world: World, rng: random.Random, cfg: WorldConfig) -> str:
+    a, op, b, c = draw_arithmetic(rng, cfg.max_number, cfg.max_factor)
     templates = ["{a} {op} {b} equals {c}.", "{a} {op} {b} is {c}."]
     templates.append(_ARITH_EXTRA[op])
-    return _cap(rng.choice(templates).format(a=a, op=op, b=b, c=c))
+    return cap(rng.choice(templates).format(a=a, op=op, b=b, c=c))
 
 
 def _word_fact_sentence(world: World, rng: random.Random, cfg: WorldConfig) -> str:
@@ -314,10 +321,10 @@ def _word_fact_sentence(world: World, rng: random.Random, cfg: WorldConfig) -> s
     fact = rng.randrange(4)
     if fact == 0:
         t = rng.choice(("the word {w} reversed is {r}.", "{w} spelled backwards is {r}."))
-        return _cap(t.format(w=w, r=reverse_word(w)))
+        return cap(t.format(w=w, r=reverse_word(w)))
     if fact == 1:
         t = rng.choice(("{w} in capitals is {u}.", "the word {w} in capital letters is {u}."))
-        return _cap(t.format(w=w, u=w.upper()))
+        return cap(t.format(w=w, u=w.upper()))
     if fact == 2:
         return f"The word {w} has {len(w)} letters."
     letter = rng.choice(sorted(set(w)))  # sorted: set order varies between processes
@@ -344,10 +351,10 @@ def _sorted_list_sentence(world: World, rng: random.Random, cfg: WorldConfig) ->
         xs, templates = sorted(rng.sample(world.words, n)), _SORT_WORDS
     shuffled = xs[:]
     rng.shuffle(shuffled)
-    return _cap(rng.choice(templates).format(a=", ".join(shuffled), b=", ".join(xs)))
+    return cap(rng.choice(templates).format(a=", ".join(shuffled), b=", ".join(xs)))
 
 
-def _cap(s: str) -> str:
+def cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
 

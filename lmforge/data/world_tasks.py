@@ -39,10 +39,10 @@ from typing import Any
 
 from lmforge.config import check, opt
 from lmforge.data.world import (
-    ARITH_OPS,
     World,
-    _cap,
+    cap,
     count_letter,
+    draw_arithmetic,
     make_story,
     reverse_word,
 )
@@ -66,13 +66,8 @@ _ARITH_PROMPTS = ("what is {a} {op} {b}?", "compute {a} {op} {b}.", "how much is
 
 def _arithmetic(world: World, rng: random.Random, cfg: TaskConfig) -> tuple[str, str]:
     # Same operand ranges as the corpus, so the questions ask about facts seen in pretraining.
-    op = rng.choice(tuple(ARITH_OPS))
-    hi = cfg.max_factor if op == "times" else cfg.max_number
-    a, b = rng.randint(0, hi), rng.randint(0, hi)
-    if op == "minus" and a < b:
-        a, b = b, a  # non-negative results only, as in the corpus
-    prompt = _cap(rng.choice(_ARITH_PROMPTS).format(a=a, op=op, b=b))
-    return prompt, str(ARITH_OPS[op](a, b))
+    a, op, b, c = draw_arithmetic(rng, cfg.max_number, cfg.max_factor)
+    return cap(rng.choice(_ARITH_PROMPTS).format(a=a, op=op, b=b)), str(c)
 
 
 _REVERSE_PROMPTS = (
@@ -84,7 +79,7 @@ _REVERSE_PROMPTS = (
 
 def _reverse(world: World, rng: random.Random, cfg: TaskConfig) -> tuple[str, str]:
     w = rng.choice(world.words)
-    return _cap(rng.choice(_REVERSE_PROMPTS).format(w=w)), reverse_word(w)
+    return cap(rng.choice(_REVERSE_PROMPTS).format(w=w)), reverse_word(w)
 
 
 _CAPITALISE_PROMPTS = (
@@ -96,7 +91,7 @@ _CAPITALISE_PROMPTS = (
 
 def _capitalise(world: World, rng: random.Random, cfg: TaskConfig) -> tuple[str, str]:
     w = rng.choice(world.words)
-    return _cap(rng.choice(_CAPITALISE_PROMPTS).format(w=w)), w.upper()
+    return cap(rng.choice(_CAPITALISE_PROMPTS).format(w=w)), w.upper()
 
 
 _COUNT_PROMPTS = (
@@ -113,7 +108,7 @@ def _count_letters(world: World, rng: random.Random, cfg: TaskConfig) -> tuple[s
         letter = rng.choice([c for c in string.ascii_lowercase if c not in w])
     else:
         letter = rng.choice(sorted(set(w)))  # sorted: set order varies between processes
-    prompt = _cap(rng.choice(_COUNT_PROMPTS).format(l=letter, w=w))
+    prompt = cap(rng.choice(_COUNT_PROMPTS).format(l=letter, w=w))
     return prompt, str(count_letter(w, letter))
 
 
@@ -135,7 +130,7 @@ def _sort(world: World, rng: random.Random, cfg: TaskConfig) -> tuple[str, str]:
         xs = sorted(rng.sample(world.words, n))
     shuffled = xs[:]
     rng.shuffle(shuffled)
-    prompt = _cap(rng.choice(_SORT_PROMPTS[kind]).format(xs=", ".join(shuffled)))
+    prompt = cap(rng.choice(_SORT_PROMPTS[kind]).format(xs=", ".join(shuffled)))
     return prompt, ", ".join(xs)
 
 

@@ -78,48 +78,6 @@ def base_prompt(
     raise AssertionError("unreachable")
 
 
-def answer_tasks(
-    model: Model,
-    tok: Tokenizer,
-    examples: Sequence[TaskExample],
-    cfg: EvalConfig,
-    *,
-    chat: bool,
-    shots: dict[str, list[TaskExample]] | None = None,
-    progress: bool = False,
-) -> list[Answer]:
-    """Greedy answers to every example, batched."""
-    if not isinstance(model, Decoder | EncoderDecoder):
-        raise UserError("eval: an encoder cannot generate answers; evaluate a decoder")
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    room = model.cfg.max_seq_len - (0 if isinstance(model, EncoderDecoder) else cfg.max_new_tokens)
-    stop_id = end_of_turn_id(tok) if chat else tok.eos_id
-    out: list[Answer] = []
-    bar = tqdm(total=len(examples), desc="eval", unit="prompt", disable=not progress)
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = examples[i : i + cfg.batch_size]
-        if chat:
-            prompts = [chat_prompt(tok, ex.prompt)[-room:] for ex in batch]
-        else:
-            prompts = [base_prompt(tok, ex, (shots or {}).get(ex.task, []), room) for ex in batch]
-        if isinstance(model, EncoderDecoder):
-            new = generate_seq2seq(
-                model, prompts, sampling, start_id=tok.bos_id, eos_id=stop_id, pad_id=tok.pad_id
-            )
-        else:
-            new = generate(model, prompts, sampling, eos_id=stop_id, pad_id=tok.pad_id)
-        for ex, ids in zip(batch, new, strict=True):
-            stopped = len(ids) < cfg.max_new_tokens  # the stop token took a slot
-            text = tok.decode(ids)
-            if not chat:  # the answer is the rest of the "Answer:" line
-                stopped = stopped or "\n" in text
-                text = text.split("\n", 1)[0].strip()
-            out.append(Answer(ex, text, stopped, is_correct(ex, text)))
-        bar.update(len(batch))
-    bar.close()
-    return out
-
-
 def summarize(answers: Sequence[Answer]) -> dict[str, Any]:
     """Exact match per task (`em/<task>`), their macro mean `em`, and answer statistics."""
     by_task: dict[str, list[Answer]] = defaultdict(list)
@@ -147,12 +105,39 @@ def evaluate_tasks(
     shots: dict[str, list[TaskExample]] | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Any], list[Answer]]:
-    """The metrics row and the answers behind it."""
+    """Greedy answers to every example (batched), and the metrics row they make."""
+    if not isinstance(model, Decoder | EncoderDecoder):
+        raise UserError("eval: an encoder cannot generate answers; evaluate a decoder")
     t0 = time.perf_counter()
-    answers = answer_tasks(model, tok, examples, cfg, chat=chat, shots=shots, progress=progress)
-    row = summarize(answers)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    room = model.cfg.max_seq_len - (0 if isinstance(model, EncoderDecoder) else cfg.max_new_tokens)
+    stop_id = end_of_turn_id(tok) if chat else tok.eos_id
+    out: list[Answer] = []
+    bar = tqdm(total=len(examples), desc="eval", unit="prompt", disable=not progress)
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = examples[i : i + cfg.batch_size]
+        if chat:
+            prompts = [chat_prompt(tok, ex.prompt)[-room:] for ex in batch]
+        else:
+            prompts = [base_prompt(tok, ex, (shots or {}).get(ex.task, []), room) for ex in batch]
+        if isinstance(model, EncoderDecoder):
+            new = generate_seq2seq(
+                model, prompts, sampling, start_id=tok.bos_id, eos_id=stop_id, pad_id=tok.pad_id
+            )
+        else:
+            new = generate(model, prompts, sampling, eos_id=stop_id, pad_id=tok.pad_id)
+        for ex, ids in zip(batch, new, strict=True):
+            stopped = len(ids) < cfg.max_new_tokens  # the stop token took a slot
+            text = tok.decode(ids)
+            if not chat:  # the answer is the rest of the "Answer:" line
+                stopped = stopped or "\n" in text
+                text = text.split("\n", 1)[0].strip()
+            out.append(Answer(ex, text, stopped, is_correct(ex, text)))
+        bar.update(len(batch))
+    bar.close()
+    row = summarize(out)
     row["eval_s"] = time.perf_counter() - t0
-    return row, answers
+    return row, out
 
 
 def limit_per_task(examples: Sequence[TaskExample], limit: int) -> list[TaskExample]:

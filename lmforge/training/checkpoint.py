@@ -112,6 +112,21 @@ def save_state(
     return final
 
 
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_config: dict[str, Any],
+    dtype: torch.dtype,
+    keep: int,
+) -> None:
+    """Resume state for `step` and the model folder beside it: what every stage saves."""
+    meta = {"stage": run_config["stage"], "autocast": str(dtype).removeprefix("torch.")}
+    save_state(out, step, model, optimizer, meta, keep=keep)
+    save_model_dir(out, model, {**run_config, "step": step})
+
+
 def list_states(run_dir: Path) -> list[Path]:
     """Complete state folders, oldest first. Half-written `.tmp-*` folders are not listed."""
     root = run_dir / STATE_DIR

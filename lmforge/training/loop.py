@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from lmforge.config import check, opt
 from lmforge.errors import UserError
@@ -132,3 +133,14 @@ class Throughput:
         r = self.tokens / max(now - self.t0, 1e-9)
         self.t0, self.tokens = now, 0
         return r
+
+
+def due(done: int, every: int, total: int) -> bool:
+    """Whether something done every `every` steps (and at the end) is due after step `done`."""
+    return done % every == 0 or done == total
+
+
+def step_bar(desc: str, total: int, start: int, progress: bool) -> tqdm:
+    return tqdm(
+        total=total, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True
+    )

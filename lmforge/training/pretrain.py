@@ -47,8 +47,15 @@ from lmforge.tokenizers import (
     train_tokenizer,
 )
 from lmforge.tokenizers.config import TokenizerConfig
-from lmforge.training.checkpoint import load_state, save_model_dir, save_state
-from lmforge.training.loop import Throughput, TrainConfig, setup_device, train_step
+from lmforge.training.checkpoint import load_state, save_checkpoint
+from lmforge.training.loop import (
+    Throughput,
+    TrainConfig,
+    due,
+    setup_device,
+    step_bar,
+    train_step,
+)
 from lmforge.training.metrics import (
     CPU_BF16_PEAK_FLOPS,
     MetricsWriter,
@@ -263,14 +270,7 @@ def pretrain(
             tqdm.write(f"{out}: already complete at step {start} (raise train.max_steps to extend)")
             return final_row(out)
 
-        bar = tqdm(
-            total=cfg.train.max_steps,
-            initial=start,
-            desc="pretrain",
-            unit="step",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
+        bar = step_bar("pretrain", cfg.train.max_steps, start, progress)
         meter = Throughput()
         last: dict[str, Any] = {}
         t_start = time.perf_counter()
@@ -299,7 +299,7 @@ def pretrain(
             done = step + 1
             bar.update(1)
             row: dict[str, Any] = {}
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            if due(done, cfg.train.log_every, cfg.train.max_steps):
                 tps = meter.rate()
                 row = {
                     "step": done,
@@ -312,7 +312,7 @@ def pretrain(
                 }
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
             t_pause = time.perf_counter()
-            if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
+            if due(done, cfg.train.eval_every, cfg.train.max_steps):
                 row.setdefault("step", done)
                 row.update(
                     held_out_metrics(
@@ -334,16 +334,10 @@ def pretrain(
             if row:
                 metrics.log(row)
                 last.update(row)
-            if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
-                save_state(
-                    out,
-                    done,
-                    model,
-                    optimizer,
-                    {"stage": "pretrain", "autocast": str(dtype).removeprefix("torch.")},
-                    keep=cfg.train.keep_checkpoints,
+            if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
+                save_checkpoint(
+                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints
                 )
-                save_model_dir(out, model, {**run_config, "step": done})
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()

@@ -44,8 +44,15 @@ from lmforge.objectives.lm import IGNORE_INDEX, token_loss
 from lmforge.runtime import DTYPES, autocast, call, seed_everything, to_device
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import JINJA_TEMPLATE, Turn
-from lmforge.training.checkpoint import load_model, load_state, save_model_dir, save_state
-from lmforge.training.loop import Throughput, TrainConfig, setup_device, train_step
+from lmforge.training.checkpoint import load_model, load_state, save_checkpoint
+from lmforge.training.loop import (
+    Throughput,
+    TrainConfig,
+    due,
+    setup_device,
+    step_bar,
+    train_step,
+)
 from lmforge.training.metrics import MetricsWriter
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import (
@@ -69,7 +76,9 @@ class SFTConfig:
         (), "held-out instruction data; empty: the world's val split or the last val_fraction"
     )
     val_fraction: float = opt(0.05, "share of the examples held out when no val_data is given")
-    tasks: TaskConfig = opt(TaskConfig(), "the world's instruction tasks (data 'world')")
+    tasks: TaskConfig = opt(
+        TaskConfig(n_train=2000), "the world's instruction tasks (data 'world')"
+    )
     layout: Literal["auto", "packed", "padded"] = opt(
         "auto",
         "decoder rows: packed (several examples per row, each attending only to itself) or "
@@ -83,7 +92,7 @@ class SFTConfig:
         OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0), "optimizer and schedule"
     )
     train: TrainConfig = opt(
-        TrainConfig(max_steps=300, batch_size=8, eval_every=100, ckpt_every=100, eval_blocks=32),
+        TrainConfig(max_steps=1000, batch_size=8, eval_every=250, ckpt_every=250, eval_blocks=32),
         "training loop (batch_size counts rows; a packed row holds several examples)",
     )
 
@@ -235,14 +244,7 @@ def sft(
             tqdm.write(f"{out}: already complete at step {start} (raise train.max_steps to extend)")
             return final_row(out)
 
-        bar = tqdm(
-            total=cfg.train.max_steps,
-            initial=start,
-            desc="sft",
-            unit="step",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
+        bar = step_bar("sft", cfg.train.max_steps, start, progress)
         meter = Throughput()
         last: dict[str, Any] = {}
         t_start = time.perf_counter()
@@ -274,7 +276,7 @@ def sft(
             done = step + 1
             bar.update(1)
             row: dict[str, Any] = {}
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            if due(done, cfg.train.log_every, cfg.train.max_steps):
                 tps = meter.rate()
                 row = {
                     "step": done,
@@ -288,7 +290,7 @@ def sft(
                 }
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
             t_pause = time.perf_counter()
-            if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
+            if due(done, cfg.train.eval_every, cfg.train.max_steps):
                 row.setdefault("step", done)
                 row["val_loss"] = val_loss(
                     model, fwd, val_ex, val_rows, layout, block, device, dtype
@@ -303,10 +305,10 @@ def sft(
             if row:
                 metrics.log(row)
                 last.update(row)
-            if done % cfg.train.ckpt_every == 0 or done == cfg.train.max_steps:
-                meta = {"stage": "sft", "autocast": str(dtype).removeprefix("torch.")}
-                save_state(out, done, model, optimizer, meta, keep=cfg.train.keep_checkpoints)
-                save_model_dir(out, model, {**run_config, "step": done})
+            if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
+                save_checkpoint(
+                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints
+                )
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()

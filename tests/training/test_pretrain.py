@@ -109,14 +109,13 @@ def test_muon_learns_and_resumes_exactly(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:  # stop right after the first checkpoint
         import lmforge.training.pretrain as P
 
-        real = P.save_state
+        real = P.save_checkpoint
 
-        def save_then_stop(*a: object, **k: object) -> object:
-            path = real(*a, **k)  # type: ignore[arg-type]
+        def save_then_stop(*a: object, **k: object) -> None:
+            real(*a, **k)  # type: ignore[arg-type]
             raise KeyboardInterrupt
-            return path
 
-        mp.setattr(P, "save_state", save_then_stop)
+        mp.setattr(P, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             run(part, *muon)
     assert max(losses(part)) == 6

@@ -65,7 +65,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tuned(base: Path) -> Path:
     out = base.parent / "sft"
-    cfg = sft_config(base, "train.max_steps=250", "train.eval_every=250", "optim.lr=3e-3")
+    cfg = sft_config(base, "train.max_steps=600", "train.eval_every=600", "optim.lr=3e-3")
     sft(cfg, out, progress=False)
     return out
 
@@ -76,7 +76,12 @@ def test_sft_raises_exact_match_far_above_few_shot_base_and_stops(base: Path, tu
     after = evaluate(tuned, cfg, base.parent / "eval_sft", progress=False)
     assert before["mode"] == "3-shot" and after["mode"] == "chat"
     assert after["n_prompts"] == before["n_prompts"] == 120
-    assert after["em"] >= before["em"] + 0.15, (before["em"], after["em"])
+    # A 2-layer model after 600 steps: ~0.18 mean exact match against 0.0 few-shot. The default
+    # world run (4 layers, 1000 SFT steps) reaches ~0.6; see the README.
+    assert after["em"] >= before["em"] + 0.12, (before["em"], after["em"])
+    tasks = [k for k in after if k.startswith("em/")]
+    assert len(tasks) == 6
+    assert sum(after[k] > before[k] for k in tasks) >= 4, after  # not one easy task alone
     assert after["stop_rate"] >= 0.95, after["stop_rate"]
     rows = read_metrics(tuned / "metrics.jsonl")
     first = next(r["loss"] for r in rows if "loss" in r)
