@@ -41,6 +41,7 @@ class Examples:
     ids: list[np.ndarray]
     mask: list[np.ndarray]
     n_truncated: int = 0  # examples cut to fit the block
+    n_dropped: int = 0  # examples whose reply did not fit at all
     sources: list[np.ndarray] | None = None  # encoder inputs (seq2seq layout only)
 
     def __len__(self) -> int:
@@ -67,21 +68,24 @@ def render_examples(
     *,
     train_on_prompt: bool = False,
 ) -> Examples:
-    """Render and cut each conversation to at most block_size + 1 ids; refuse examples left
-    with nothing to train on (their reply was cut off entirely)."""
-    ids, masks, cut = [], [], 0
-    for i, turns in enumerate(conversations):
+    """Render and cut each conversation to at most block_size + 1 ids. An example whose prompt
+    alone fills the block has nothing to train on and is dropped (and counted)."""
+    ids, masks, cut, dropped = [], [], 0, 0
+    for turns in conversations:
         x, m = render_chat(tok, turns, train_on_prompt=train_on_prompt)
         if len(x) > block_size + 1:
             x, m, cut = x[: block_size + 1], m[: block_size + 1], cut + 1
+        if not any(m[1:]):
+            dropped += 1
+            continue
         ids.append(np.asarray(x, dtype=np.uint32))
         masks.append(np.asarray(m, dtype=bool))
-        if not masks[-1][1:].any():
-            raise UserError(
-                f"example {i + 1}: its prompt fills the whole block of {block_size} tokens, "
-                "leaving no response to train on; raise train.block_size or shorten it"
-            )
-    return Examples(ids, masks, cut)
+    if not ids:
+        raise UserError(
+            f"every example's prompt fills the whole block of {block_size} tokens, leaving no "
+            "reply to train on; raise train.block_size (up to the model's context)"
+        )
+    return Examples(ids, masks, cut - dropped, dropped)
 
 
 def render_seq2seq_examples(
@@ -106,7 +110,7 @@ def render_seq2seq_examples(
         sources.append(np.asarray(src, dtype=np.uint32))
         ids.append(np.asarray(tgt, dtype=np.uint32))
         masks.append(np.asarray(mask, dtype=bool))
-    return Examples(ids, masks, cut, sources)
+    return Examples(ids, masks, cut, sources=sources)
 
 
 def best_fit(slots: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:

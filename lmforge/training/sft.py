@@ -84,7 +84,9 @@ class SFTConfig:
         "decoder rows: packed (several examples per row, each attending only to itself) or "
         "padded (one per row); auto: packed for decoders, padded for encoder-decoders",
     )
-    train_on_prompt: bool = opt(False, "also train on prompt tokens (not only on the replies)")
+    train_on_prompt: bool = opt(
+        False, "decoders: also train on prompt tokens (not only on the replies)"
+    )
     eval_prompts: int = opt(
         20, "world data: held-out prompts per task scored by exact match at each eval (0: off)"
     )
@@ -228,6 +230,7 @@ def sft(
                     "n_val": len(val_ex),
                     "train_tokens": train_ex.n_trained,
                     "truncated": train_ex.n_truncated,
+                    "dropped": train_ex.n_dropped,
                     "layout": layout,
                     "autocast": str(dtype).removeprefix("torch."),
                 }
@@ -235,7 +238,8 @@ def sft(
         if progress:
             tqdm.write(
                 f"sft: {len(train_ex)} examples ({train_ex.n_trained:,} reply tokens, "
-                f"{train_ex.n_truncated} cut to {block} tokens), {layout} rows | "
+                f"{train_ex.n_truncated} cut to {block} tokens, {train_ex.n_dropped} dropped: "
+                f"no reply within the block), {layout} rows | "
                 f"{device} {str(dtype).removeprefix('torch.')} | "
                 + (f"resuming at step {start}" if start else f"from {base}")
             )

@@ -15,6 +15,7 @@ from lmforge.data.sft_batches import (
     render_examples,
     render_seq2seq_examples,
 )
+from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder
 from lmforge.models.transformer import TransformerConfig
 from lmforge.tokenizers import Tokenizer, train_tokenizer
@@ -163,3 +164,12 @@ def test_seq2seq_source_ends_at_the_assistant_role_and_target_at_end_of_turn(
         assert tgt[b, 0] == tok.bos_id
         n = len(ex.ids[b]) - 1
         assert y[b, n - 1] == tok.special_ids["end_of_turn"]
+
+
+def test_examples_whose_reply_does_not_fit_are_dropped_and_counted(tok: Tokenizer) -> None:
+    long_prompt = [[Message("user", " ".join(WORDS * 10)), Message("assistant", "seven")]]
+    ok = [[Message("user", "what is"), Message("assistant", "seven")]]
+    ex = render_examples(tok, long_prompt + ok, 32)
+    assert len(ex) == 1 and ex.n_dropped == 1 and ex.n_truncated == 0
+    with pytest.raises(UserError, match="fills the whole block"):
+        render_examples(tok, long_prompt, 32)
