@@ -78,6 +78,90 @@ def hf_gpt2(*, vocab: int, context: int, n_layer: int, n_head: int, n_embd: int)
     return GPT2LMHeadModel(cfg)
 
 
+WORLD_VOCAB = 2048  # task-world benchmarks: BPE vocab_size requested
+WORLD_DOCS = 5000  # ... trained on this many world documents
+
+
+def world_tokenizer(seed: int) -> Any:
+    """The BPE tokenizer of the task-world benchmarks: `vocab_size` WORLD_VOCAB (the small
+    corpus yields 1,959 entries) trained on `generate_corpus(WorldConfig(n_docs=WORLD_DOCS,
+    seed=seed)).train`."""
+    from lmforge.data.world import WorldConfig, generate_corpus
+    from lmforge.tokenizers import train_tokenizer
+
+    corpus = generate_corpus(WorldConfig(n_docs=WORLD_DOCS, seed=seed))
+    return train_tokenizer("bpe", corpus.train, WORLD_VOCAB)
+
+
+def llama_config(cfg: Any, **overrides: Any) -> Any:
+    """A `transformers.LlamaConfig` of the same shape as lmforge's `TransformerConfig` `cfg`
+    (SwiGLU width, heads, kv heads, rotary base, norm eps, tied embeddings, no biases, dropout
+    0), pad id 0 (lmforge's `<|pad|>`), no bos/eos; `overrides` are added or replace fields."""
+    from transformers import LlamaConfig
+
+    fields = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.ff_width,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_size,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        initializer_range=cfg.init_std,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def llama_from_decoder(model: torch.nn.Module) -> Any:
+    """A `transformers.LlamaForCausalLM` (config `llama_config(model.cfg)`) holding a copy of
+    the weights of lmforge `Decoder` `model`: the same function, logits equal up to float
+    rounding (the mapping tests/models/test_llama_parity.py checks)."""
+    from transformers import LlamaForCausalLM
+
+    c = model.cfg
+    hf = LlamaForCausalLM(llama_config(c))
+    q, kv, ff = c.n_head * c.head_size, c.kv_heads * c.head_size, c.ff_width
+    sd = {
+        "model.embed_tokens.weight": model.tok_emb.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        w = b.attn.qkv.weight
+        sd |= {
+            p + "input_layernorm.weight": b.attn_norm.weight,
+            p + "self_attn.q_proj.weight": w[:q],
+            p + "self_attn.k_proj.weight": w[q : q + kv],
+            p + "self_attn.v_proj.weight": w[q + kv :],
+            p + "self_attn.o_proj.weight": b.attn.proj.weight,
+            p + "post_attention_layernorm.weight": b.mlp_norm.weight,
+            p + "mlp.gate_proj.weight": b.mlp.gate_up.weight[:ff],
+            p + "mlp.up_proj.weight": b.mlp.gate_up.weight[ff:],
+            p + "mlp.down_proj.weight": b.mlp.down.weight,
+        }
+    sd = {k: v.detach().clone() for k, v in sd.items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if unexpected or any("rotary" not in m for m in missing):
+        raise RuntimeError(f"weight mapping: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Parameters, each shared tensor (tied embeddings) counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def peer_adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     """AdamW for the peers, with the fused CPU kernel where this torch build has one."""
     try:
@@ -161,15 +245,23 @@ def throughput_args(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, Any
     return args, inductor_dir
 
 
-def lmforge_step(model: torch.nn.Module, compiled: bool) -> Step:
+def lmforge_step(
+    model: torch.nn.Module,
+    compiled: bool,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_loss,
+    optim: OptimConfig | None = None,
+    dynamic: bool | None = None,
+) -> Step:
     """A step as `lmforge.training.pretrain` runs it: `build_optimizer(model, OptimConfig())`,
     autocast dtype from `autocast_dtype("auto", cpu)`, `train_step(..., token_loss,
-    grad_clip=1.0)`, with `forward=torch.compile(model)` when `compiled`."""
+    grad_clip=1.0)`, with `forward=torch.compile(model, dynamic=dynamic)` when `compiled`.
+    `loss_fn` and `optim` replace token_loss and OptimConfig() (other training stages)."""
     device = torch.device("cpu")
     model = model.to(device)
-    optimizer = build_optimizer(model, OptimConfig())
+    optimizer = build_optimizer(model, optim or OptimConfig())
     dtype = autocast_dtype("auto", device)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, dynamic=dynamic) if compiled else model
     model.train()
 
     def step(inputs: Any, targets: torch.Tensor, i: int) -> None:
@@ -177,7 +269,7 @@ def lmforge_step(model: torch.nn.Module, compiled: bool) -> Step:
             model,
             optimizer,
             [(inputs, targets)],
-            token_loss,
+            loss_fn,
             n_micro=1,
             device=device,
             dtype=dtype,

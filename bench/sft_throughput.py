@@ -62,13 +62,12 @@ import torch
 from lmforge.data.instruction import Message
 from lmforge.data.masking import IGNORE_INDEX
 from lmforge.data.sft_batches import Examples, RowSampler, collate, render_examples
-from lmforge.data.world import WorldConfig, generate_corpus
 from lmforge.data.world_tasks import TaskConfig, sft_records
 from lmforge.models.decoder import Decoder
 from lmforge.models.transformer import TransformerConfig
 from lmforge.objectives.lm import token_loss
 from lmforge.runtime import autocast_dtype
-from lmforge.tokenizers import Tokenizer, train_tokenizer
+from lmforge.tokenizers import Tokenizer
 from lmforge.training.loop import train_step
 from lmforge.training.optim import OptimConfig, build_optimizer
 from lmforge.training.sft import SFTConfig, model_forward
@@ -76,8 +75,8 @@ from lmforge.training.sft import SFTConfig, model_forward
 TARGET = 2.0
 BLOCK = 256  # TransformerConfig().max_seq_len: SFT's default block
 PACKED_ROWS = 8  # SFTConfig's default train.batch_size
-VOCAB = 2048
-N_DOCS = 5000
+VOCAB = common.WORLD_VOCAB
+N_DOCS = common.WORLD_DOCS
 COMPILED = "lmforge_packed_compile"
 PEERS = ("hf_padded_fp32", "hf_padded_bf16")
 
@@ -104,8 +103,7 @@ class Batch:
 
 def build_examples(seed: int) -> tuple[Tokenizer, Examples, dict[str, Any]]:
     t0 = time.perf_counter()
-    corpus = generate_corpus(WorldConfig(n_docs=N_DOCS, seed=seed))
-    tok = train_tokenizer("bpe", corpus.train, VOCAB)
+    tok = common.world_tokenizer(seed)
     records = sft_records(TaskConfig(seed=seed), "train")
     convs = [tuple(Message(m["role"], m["content"]) for m in r["messages"]) for r in records]
     examples = render_examples(tok, convs, BLOCK)
@@ -192,31 +190,6 @@ def decoder_config(shape: str, vocab: int) -> TransformerConfig:
     return TransformerConfig(vocab_size=vocab, max_seq_len=BLOCK, **SHAPES[shape])
 
 
-def llama_config(cfg: TransformerConfig) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.n_embd,
-        intermediate_size=cfg.ff_width,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_size,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attention_dropout=0.0,
-        initializer_range=cfg.init_std,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-
-
 def sft_optim() -> OptimConfig:
     """SFTConfig's default optimizer settings (lr 1e-3, no weight decay, clip 1.0)."""
     field = {f.name: f for f in dataclasses.fields(SFTConfig)}["optim"]
@@ -261,10 +234,6 @@ def hf_step(model: Any, bf16: bool) -> Any:
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -417,12 +386,15 @@ def main() -> None:
             if v == COMPILED and args.no_compile:
                 continue
             if v.startswith("hf"):
-                models[v] = LlamaForCausalLM(llama_config(cfg))
+                models[v] = LlamaForCausalLM(common.llama_config(cfg))
                 steps[v] = hf_step(models[v], bf16=v.endswith("bf16"))
             else:
                 models[v] = Decoder(cfg)
                 steps[v] = lmforge_step(models[v], layout_of(v), dtype, v == COMPILED)
-        params = {"lmforge": n_params(models["lmforge_packed"]), "hf": n_params(models[PEERS[0]])}
+        params = {
+            "lmforge": common.n_params(models["lmforge_packed"]),
+            "hf": common.n_params(models[PEERS[0]]),
+        }
         assert params["lmforge"] == params["hf"], f"the shapes differ: {params}"
         times, first_step_s = time_variants(steps, batches, args)
         results[name] = shape_result(

@@ -18,21 +18,30 @@ import click
 import torch
 
 from lmforge import config as C
-from lmforge.data.corpora import DataConfig, load_corpus
+from lmforge.data.corpora import DataConfig, load_corpus, read_jsonl
+from lmforge.data.instruction import Message
+from lmforge.data.preference import Preference, load_preferences
 from lmforge.data.world import WorldConfig, write_world
 from lmforge.errors import UserError
 from lmforge.evaluation.tasks import EvalConfig
+from lmforge.feedback.sampling import SampleConfig, file_prompts, sample_responses, world_prompts
+from lmforge.feedback.simulated import Annotator, label_simulated
 from lmforge.generation.chat import ChatSession
 from lmforge.generation.generate import SamplingConfig, generate_seq2seq
 from lmforge.generation.generate import generate as run_generate
+from lmforge.io import atomic_write_text
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
+from lmforge.objectives.reward import pairwise_accuracy
 from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
-from lmforge.training.checkpoint import load_model
+from lmforge.training.checkpoint import load_model, load_reward_model
 from lmforge.training.evaluate import eval_table
 from lmforge.training.evaluate import evaluate as run_eval
 from lmforge.training.pretrain import PretrainConfig, resume_config
 from lmforge.training.pretrain import pretrain as run_pretrain
+from lmforge.training.reward import RewardConfig, render_pairs, score_pairs
+from lmforge.training.reward import resume_config as reward_resume_config
+from lmforge.training.reward import reward as run_reward
 from lmforge.training.rundir import check_new_output
 from lmforge.training.sft import SFTConfig
 from lmforge.training.sft import resume_config as sft_resume_config
@@ -224,6 +233,184 @@ def sft(
     last = run_sft(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     keys = ("step", "loss", "val_loss", "val_em", "val_stop_rate", "tokens_per_s")
     click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+
+
+# ---------------------------------------------------------------------------------------------
+# sample, label
+
+
+@cli.command(epilog=_options_epilog(SampleConfig))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--prompts",
+    default="world",
+    show_default=True,
+    help="'world' (the tasks' prompts, split=...) or a .jsonl of {prompt} / {messages} records.",
+)
+@click.option("--n", type=int, help="Responses per prompt (same as n=...).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="responses.jsonl")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def sample(
+    model_dir: Path,
+    prompts: str,
+    n: int | None,
+    out: Path,
+    overwrite: bool,
+    quiet: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Sample K responses per prompt from a fine-tuned model (input for `lmforge label`)."""
+    cfg = C.load(SampleConfig, None, ((f"n={n}",) if n else ()) + overrides)
+    _check_new_file(out, overwrite)
+    plist = world_prompts(cfg) if prompts == "world" else file_prompts(Path(prompts), cfg.limit)
+    model, tok, _ = load_model(model_dir)
+    records = sample_responses(model, tok, plist, cfg, str(model_dir), progress=not quiet)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+    click.echo(f"{out}: {len(records)} prompts x {cfg.n} responses")
+
+
+@cli.command(epilog=_options_epilog(Annotator))
+@click.option(
+    "--simulated",
+    "simulated",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="responses.jsonl of world prompts, judged by a simulated annotator.",
+)
+@click.option(
+    "--serve",
+    "serve_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="responses.jsonl to rank by hand on a local web page.",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="prefs.jsonl")
+@click.option("--overwrite", is_flag=True, help="Simulated: replace an existing output file.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Serve: address to bind.")
+@click.option("--port", type=int, default=8765, show_default=True, help="Serve: port.")
+@click.option("--allow-remote", is_flag=True, help="Serve: allow a non-loopback address.")
+@click.option("--open", "open_browser", is_flag=True, help="Serve: open the page in a browser.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def label(
+    simulated: Path | None,
+    serve_file: Path | None,
+    out: Path,
+    overwrite: bool,
+    host: str,
+    port: int,
+    allow_remote: bool,
+    open_browser: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Turn sampled responses into preference records: a simulated annotator (--simulated) or
+    people on a ranking page (--serve; judgments are appended to --out as they come)."""
+    if (simulated is None) == (serve_file is None):
+        raise UserError("label: give exactly one of --simulated RESPONSES or --serve RESPONSES")
+    if serve_file is not None:
+        from lmforge.feedback.ranking_page import serve
+
+        serve(
+            serve_file,
+            out,
+            host=host,
+            port=port,
+            allow_remote=allow_remote,
+            open_browser=open_browser,
+        )
+        return
+    assert simulated is not None
+    annotator = C.load(Annotator, None, overrides)
+    _check_new_file(out, overwrite)
+    records = [rec for _, rec in read_jsonl(simulated)]
+    for i, rec in enumerate(records, start=1):
+        if not isinstance(rec, dict) or not isinstance(rec.get("responses"), list):
+            raise UserError(f"{simulated}:{i}: expected a responses record (see lmforge sample)")
+    prefs = label_simulated(records, annotator)  # type: ignore[arg-type]
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in prefs))
+    click.echo(f"{out}: {len(prefs)} preference pairs from {len(records)} prompts")
+
+
+def _check_new_file(out: Path, overwrite: bool) -> None:
+    if out.exists() and (out.is_dir() or not overwrite):
+        raise UserError(f"{out}: already exists; use --overwrite to replace it")
+
+
+# ---------------------------------------------------------------------------------------------
+# reward
+
+
+class _DefaultGroup(click.Group):
+    """A group whose bare use runs its `train` subcommand: `lmforge reward --model ...`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_DefaultGroup)
+def reward() -> None:
+    """Train a reward model on preference pairs (`lmforge reward --model SFT --data prefs.jsonl
+    --out RM`), or score with one (`lmforge reward score`)."""
+
+
+@reward.command("train", epilog=_options_epilog(RewardConfig))
+@_stage_options
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Trunk checkpoint.")
+@click.option("--data", multiple=True, help="Preference file(s); repeat for several.")
+def reward_train(
+    model_dir: Path | None,
+    data: tuple[str, ...],
+    out: Path,
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Train a reward model (Bradley-Terry) from a decoder or encoder checkpoint."""
+    flags = [f"model={model_dir}"] if model_dir else []
+    flags += [f"data={','.join(data)}"] if data else []
+    overrides = (*flags, *overrides)
+    if resume:
+        cfg = reward_resume_config(out, config_file, overrides)
+    else:
+        cfg = C.load(RewardConfig, config_file, overrides)
+    last = run_reward(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    keys = (
+        "step",
+        "loss",
+        "val_acc",
+        "val_ceiling",
+        "val_gold_agreement",
+        "test_correct_over_wrong",
+        "pairs_per_s",
+    )
+    click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+
+
+@reward.command("score")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--data", multiple=True, help="Preference file(s): report pairwise accuracy.")
+@click.option("--prompt", help="A prompt whose --response texts to score.")
+@click.option("--response", "responses", multiple=True, help="Repeat to score several.")
+def reward_score(
+    model_dir: Path, data: tuple[str, ...], prompt: str | None, responses: tuple[str, ...]
+) -> None:
+    """Score responses with a reward model, or measure its accuracy on preference pairs."""
+    model, tok, _ = load_reward_model(model_dir)
+    block = model.cfg.max_seq_len
+    if data:
+        pairs = render_pairs(tok, load_preferences(data), block)
+        rc, rr = score_pairs(model, pairs, torch.device("cpu"), torch.float32)
+        click.echo(json.dumps({"pairs": len(pairs), "accuracy": pairwise_accuracy(rc, rr)}))
+        return
+    if prompt is None or not responses:
+        raise UserError("reward score: give --data FILE, or --prompt and one or more --response")
+    prefs = [Preference((Message("user", prompt),), r, r + " ") for r in responses]
+    rc, _ = score_pairs(model, render_pairs(tok, prefs, block), torch.device("cpu"), torch.float32)
+    for r, score in zip(responses, rc.tolist(), strict=True):
+        click.echo(json.dumps({"response": r, "reward": score}))
 
 
 # ---------------------------------------------------------------------------------------------

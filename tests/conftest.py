@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +33,51 @@ TINY_PRETRAIN = (
     "train.ckpt_every=10",
     "optim.warmup_steps=5",
 )
+
+# A base model a little larger than TINY_PRETRAIN: SFT needs room for 6 tasks and their prompts.
+SFT_BASE = (
+    *TINY_PRETRAIN,
+    "data.world.n_docs=3000",
+    "model.n_embd=96",
+    "model.n_head=4",
+    "model.max_seq_len=160",
+    "train.block_size=64",
+    "train.max_steps=150",
+    "train.eval_every=150",
+    "optim.lr=3e-3",
+)
+TINY_SFT = (
+    "tasks.n_train=300",
+    "tasks.n_val=10",
+    "tasks.n_test=20",
+    "train.batch_size=8",
+    "train.max_steps=20",
+    "train.log_every=1",
+    "train.eval_every=10",
+    "train.ckpt_every=10",
+    "eval_prompts=2",
+    "optim.warmup_steps=5",
+)
+
+
+@pytest.fixture(scope="session")
+def sft_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A briefly pretrained tiny decoder on the world (a few seconds)."""
+    from lmforge import config as C
+    from lmforge.training.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("sft") / "base"
+    pretrain(C.load(PretrainConfig, None, SFT_BASE), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_tuned(sft_base: Path) -> Path:
+    """That decoder after 600 SFT steps on the world's tasks (~25 s): a tiny chat model."""
+    from lmforge import config as C
+    from lmforge.training.sft import SFTConfig, sft
+
+    out = sft_base.parent / "sft"
+    overrides = [f"model={sft_base}", *TINY_SFT, "train.max_steps=600", "train.eval_every=600"]
+    sft(C.load(SFTConfig, None, [*overrides, "optim.lr=3e-3"]), out, progress=False)
+    return out

@@ -12,7 +12,7 @@ ROOT = Path(lmforge.__file__).parent
 LAYERS = {
     "errors": 0, "io": 0, "config": 0, "runtime": 0,
     "tokenizers": 1, "models": 2, "data": 3, "objectives": 4, "generation": 5,
-    "evaluation": 6, "training": 7, "cli": 8, "__main__": 8,
+    "evaluation": 6, "feedback": 6, "training": 7, "cli": 8, "__main__": 8,
 }  # fmt: skip
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -69,7 +69,7 @@ _EMPTY_TURN = {
 }
 
 
-def _kind(value: object) -> str:
+def json_kind(value: object) -> str:
     """The JSON name of a value's type, for "expected X, got Y" messages."""
     if value is None:
         return "null"
@@ -94,7 +94,7 @@ def _text(rec: Mapping[str, object], field: str, loc: str, if_empty: str | None)
     if value is None and if_empty is None:
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{where(loc, field=field)}: expected a string, got {_kind(value)}")
+        raise UserError(f"{where(loc, field=field)}: expected a string, got {json_kind(value)}")
     if if_empty is not None and not value.strip():
         raise UserError(f"{where(loc, field=field)}: {if_empty}")
     return value
@@ -105,10 +105,11 @@ def _joined(first: str, extra: str) -> str:
     return f"{first}\n\n{extra}" if extra.strip() else first
 
 
-def _message(raw: object, field: str, loc: str) -> Message:
+def parse_message(raw: object, field: str, loc: str) -> Message:
     if not isinstance(raw, dict):
         raise UserError(
-            f"{where(loc, field=field)}: expected an object with role and content, got {_kind(raw)}"
+            f"{where(loc, field=field)}: expected an object with role and content, "
+            f"got {json_kind(raw)}"
         )
     for key in ("role", "content"):
         if key not in raw:
@@ -116,7 +117,7 @@ def _message(raw: object, field: str, loc: str) -> Message:
     role, content = raw["role"], raw["content"]
     if not isinstance(role, str):
         raise UserError(
-            f"{where(loc, field=f'{field}.role')}: expected a string, got {_kind(role)}"
+            f"{where(loc, field=f'{field}.role')}: expected a string, got {json_kind(role)}"
         )
     if role not in ROLES:
         raise UserError(
@@ -124,16 +125,16 @@ def _message(raw: object, field: str, loc: str) -> Message:
         )
     if not isinstance(content, str):
         raise UserError(
-            f"{where(loc, field=f'{field}.content')}: expected a string, got {_kind(content)}"
+            f"{where(loc, field=f'{field}.content')}: expected a string, got {json_kind(content)}"
         )
     return Message(role, content)
 
 
-def _turns(entries: list[tuple[str, object]], loc: str, whole: str) -> tuple[Message, ...]:
+def check_turns(entries: list[tuple[str, object]], loc: str, whole: str) -> tuple[Message, ...]:
     """Validate (field name, raw message) pairs as one conversation; `whole` names the list."""
     messages: list[Message] = []
     for field, raw in entries:
-        m = _message(raw, field, loc)
+        m = parse_message(raw, field, loc)
         if m.role == "system":
             if messages:
                 raise UserError(
@@ -166,13 +167,13 @@ def _message_list(rec: Mapping[str, object], field: str, loc: str) -> list[tuple
     value = rec[field]
     if not isinstance(value, list):
         raise UserError(
-            f"{where(loc, field=field)}: expected a list of messages, got {_kind(value)}"
+            f"{where(loc, field=field)}: expected a list of messages, got {json_kind(value)}"
         )
     return [(f"{field}[{i}]", raw) for i, raw in enumerate(value)]
 
 
 def _from_chat(rec: Mapping[str, object], loc: str) -> tuple[Message, ...]:
-    return _turns(_message_list(rec, "messages", loc), loc, "messages")
+    return check_turns(_message_list(rec, "messages", loc), loc, "messages")
 
 
 def _from_alpaca(rec: Mapping[str, object], loc: str) -> tuple[Message, ...]:
@@ -199,17 +200,17 @@ def _from_prompt_completion(rec: Mapping[str, object], loc: str) -> tuple[Messag
     if not isinstance(prompt, list):
         raise UserError(
             f"{where(loc, field='prompt')}: expected a string or a list of messages, "
-            f"got {_kind(prompt)}"
+            f"got {json_kind(prompt)}"
         )
     if not isinstance(rec["completion"], list):  # both halves in one style, never mixed
         raise UserError(
             f"{where(loc, field='completion')}: expected a list of messages (as 'prompt' is), "
-            f"got {_kind(rec['completion'])}"
+            f"got {json_kind(rec['completion'])}"
         )
     completion = _message_list(rec, "completion", loc)
     if not completion:
         raise UserError(f"{where(loc, field='completion')}: no messages")
-    return _turns(_message_list(rec, "prompt", loc) + completion, loc, "completion")
+    return check_turns(_message_list(rec, "prompt", loc) + completion, loc, "completion")
 
 
 # Checked in this order; the first format whose required fields are all present is used.
@@ -237,7 +238,7 @@ def parse_record(rec: object, path: str | Path, line: int) -> Conversation:
 
 def _parse(rec: object, loc: str) -> Conversation:
     if not isinstance(rec, dict):
-        raise UserError(f"{loc}: expected a JSON object, got {_kind(rec)}")
+        raise UserError(f"{loc}: expected a JSON object, got {json_kind(rec)}")
     name = detect_format(rec)
     if name is None:
         fields = ", ".join(str(k) for k in rec) or "none"
@@ -257,8 +258,18 @@ def load_instructions(specs: Sequence[str]) -> list[Conversation]:
 
 def read_instructions(spec: str) -> list[Conversation]:
     """Read and validate one .jsonl/.json file or hf:NAME[:SPLIT] dataset."""
+    name, records = read_records(spec)
+    conversations = [_parse(rec, loc) for loc, rec in records]
+    if not conversations:
+        raise UserError(f"{name}: no records")
+    return conversations
+
+
+def read_records(spec: str) -> tuple[str, Iterable[tuple[str, object]]]:
+    """The name of a data source (for messages) and its decoded records, each with its location
+    ("file:line" or "hf:NAME:row N"); shared by every reader of JSON record files."""
     if spec.startswith("hf:"):
-        return _read_hf(spec[3:])
+        return spec, _hf_records(spec[3:])
     path = Path(spec).expanduser()
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give {' or '.join(SUFFIXES)} files")
@@ -266,11 +277,8 @@ def read_instructions(spec: str) -> list[Conversation]:
         raise UserError(f"{path}: no such file")
     if path.suffix not in SUFFIXES:
         raise UserError(f"{path}: unsupported file type (use {', '.join(SUFFIXES)})")
-    records = read_jsonl(path) if path.suffix == ".jsonl" else _read_json_array(path)
-    conversations = [parse_record(rec, path, line) for line, rec in records]
-    if not conversations:
-        raise UserError(f"{path}: no records")
-    return conversations
+    lines = read_jsonl(path) if path.suffix == ".jsonl" else read_json_array(path)
+    return str(path), ((where(path, line), rec) for line, rec in lines)
 
 
 def _read_text(path: Path) -> str:
@@ -281,7 +289,7 @@ def _read_text(path: Path) -> str:
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, narrower than str.isspace
 
 
-def _read_json_array(path: Path) -> Iterator[tuple[int, object]]:
+def read_json_array(path: Path) -> Iterator[tuple[int, object]]:
     """Yield (line where the element starts, element) for a top-level JSON array.
 
     json.load would lose positions, so the array is walked element by element with
@@ -334,7 +342,7 @@ def _read_json_array(path: Path) -> Iterator[tuple[int, object]]:
         raise UserError(f"{where(path, line_at(skip(pos)))}: unexpected text after the array")
 
 
-def _read_hf(name: str) -> list[Conversation]:
+def _hf_records(name: str) -> Iterator[tuple[str, object]]:
     repo, _, split = name.partition(":")
     if not repo:
         raise UserError(f"hf:{name}: give a dataset name, as hf:NAME[:SPLIT]")
@@ -349,8 +357,5 @@ def _read_hf(name: str) -> list[Conversation]:
     except Exception as e:  # network, missing dataset, bad split: all user-facing
         reason = " ".join(str(e).split())  # keep the error on one line
         raise UserError(f"hf:{name}: cannot load dataset ({reason})") from None
-    # Rows count from 0, so "row N" is what ds[N] returns.
-    conversations = [_parse(row, f"hf:{name}:row {i}") for i, row in enumerate(ds)]
-    if not conversations:
-        raise UserError(f"hf:{name}: no records")
-    return conversations
+    for i, row in enumerate(ds):  # rows count from 0, so "row N" is what ds[N] returns
+        yield f"hf:{name}:row {i}", row

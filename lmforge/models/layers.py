@@ -118,7 +118,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
         # A plain causal mask only fits when queries and keys line up (training, first prefill).
-        is_causal = self.causal and mask is None and k.size(2) == T and T > 1
+        is_causal = bool(self.causal and mask is None and k.size(2) == T and T > 1)
         y = F.scaled_dot_product_attention(
             q,
             k,

@@ -26,7 +26,8 @@ from lmforge.config import build
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir, atomic_write, atomic_write_json
 from lmforge.models import FAMILIES, Model
-from lmforge.models.transformer import TransformerConfig
+from lmforge.models.reward import RewardModel
+from lmforge.models.transformer import Transformer, TransformerConfig
 from lmforge.tokenizers import Tokenizer, load_tokenizer
 
 STATE_DIR = "state"
@@ -209,5 +210,24 @@ def load_model(
         model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size - extra
     )
     model = FAMILIES[found](model_cfg)
+    load_model_weights(model, model_dir / "model.safetensors")
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_reward_model(
+    model_dir: Path, device: torch.device | str = "cpu"
+) -> tuple[RewardModel, Tokenizer, dict[str, Any]]:
+    """A reward model (trunk + scalar head) saved by the reward stage."""
+    config = read_config_json(model_dir)
+    if config.get("head") != "reward":
+        raise UserError(f"{model_dir}: not a reward model (train one with `lmforge reward`)")
+    found = config.get("family")
+    if found not in ("decoder", "encoder"):
+        raise UserError(f"{model_dir / 'config.json'}: field 'family': unknown trunk {found!r}")
+    model_cfg = build(TransformerConfig, config["model"], str(model_dir / "config.json"))
+    tokenizer = load_tokenizer(model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size)
+    trunk = FAMILIES[found](model_cfg)
+    assert isinstance(trunk, Transformer)
+    model = RewardModel(trunk)
     load_model_weights(model, model_dir / "model.safetensors")
     return model.to(device).eval(), tokenizer, config

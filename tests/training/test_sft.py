@@ -19,32 +19,7 @@ from lmforge.training.evaluate import evaluate
 from lmforge.training.metrics import read_metrics
 from lmforge.training.pretrain import PretrainConfig, pretrain
 from lmforge.training.sft import SFTConfig, sft
-from tests.conftest import TINY_PRETRAIN
-
-# A base model a little larger than TINY_PRETRAIN: SFT needs room for 6 tasks and their prompts.
-BASE = (
-    *TINY_PRETRAIN,
-    "data.world.n_docs=3000",
-    "model.n_embd=96",
-    "model.n_head=4",
-    "model.max_seq_len=160",
-    "train.block_size=64",
-    "train.max_steps=150",
-    "train.eval_every=150",
-    "optim.lr=3e-3",
-)
-TINY_SFT = (
-    "tasks.n_train=300",
-    "tasks.n_val=10",
-    "tasks.n_test=20",
-    "train.batch_size=8",
-    "train.max_steps=20",
-    "train.log_every=1",
-    "train.eval_every=10",
-    "train.ckpt_every=10",
-    "eval_prompts=2",
-    "optim.warmup_steps=5",
-)
+from tests.conftest import TINY_PRETRAIN, TINY_SFT
 
 
 def sft_config(base: Path, *overrides: str) -> SFTConfig:
@@ -56,18 +31,13 @@ def losses(out: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sft") / "base"
-    pretrain(C.load(PretrainConfig, None, BASE), out, progress=False)
-    return out
+def base(sft_base: Path) -> Path:
+    return sft_base
 
 
 @pytest.fixture(scope="module")
-def tuned(base: Path) -> Path:
-    out = base.parent / "sft"
-    cfg = sft_config(base, "train.max_steps=600", "train.eval_every=600", "optim.lr=3e-3")
-    sft(cfg, out, progress=False)
-    return out
+def tuned(sft_tuned: Path) -> Path:
+    return sft_tuned
 
 
 def test_sft_raises_exact_match_far_above_few_shot_base_and_stops(base: Path, tuned: Path) -> None:

@@ -1,0 +1,1 @@
+"""Feedback: sampling responses and judging them (simulated annotators, people, AI judges)."""
