@@ -15,9 +15,10 @@ once: 6 pairs per prompt, 21,600 in all, the chosen side drawn by the noisy Brad
 annotator) and read back with `parse_preference` (lmforge's preference-file reader) into
 `Preference`s. Step i takes the pairs `pair_order(n, seed, 16 i, 16)` (the reward loop's seeded
 order), rendered with `render_pairs(tok, prefs, 256)` (prompt + reply + `<|end_of_turn|>`) and
-batched by `collate_pairs` -> ((ids (2B, T), lengths (2B,)), labels (B,)), right-padded with 0
-to the step's longest sequence; `tok` the world BPE tokenizer (2,048 requested, on
-`generate_corpus(WorldConfig(n_docs=5000)).train`). Batches are built before timing.
+batched by `collate_pairs` -> ((ids (2B, T), last (2B,)), labels (B,)), right-padded with 0
+to the step's longest sequence (for `lmforge_packed`: packed into rows of 256); `tok` the
+world BPE tokenizer (2,048 requested, on `generate_corpus(WorldConfig(n_docs=5000)).train`).
+Batches are built before timing.
 
 Variants (interleaved in each repeat):
 - `lmforge_eager`: `RewardModel(Decoder(cfg))` (a linear head on the final hidden state of each
@@ -25,12 +26,14 @@ Variants (interleaved in each repeat):
   autocast dtype `autocast_dtype("auto", cpu)`, each step one `train_step(model, optimizer,
   [(x, y)], pair_loss(margin=0.0), grad_clip=1.0)`: as `lmforge.training.reward` runs it
   (less its per-step learning-rate schedule; the reward command has no compile option).
-- `lmforge_compile`: the same with `forward=torch.compile(model, dynamic=True)` (T changes from
-  step to step; dynamic shapes avoid a compile per length). Compile time = first step minus a
-  typical step, reported apart; a cold TorchInductor cache unless `--keep-inductor-cache`;
-  `--no-compile` skips it. Recompiles (TorchInductor's CPU size heuristics) can still fall in
-  the timed steps and count there; dynamo's graph-break and graph counts are recorded
-  (`compile_dynamo`).
+- `lmforge_packed`: the same, on the same pairs packed into rows of 256 tokens (block-diagonal
+  mask, positions restarting per sequence): the reward stage's default layout, no padding.
+- `lmforge_compile`: `lmforge_eager` with `forward=torch.compile(model, dynamic=True)` (T
+  changes from step to step; dynamic shapes avoid a compile per length). Compile time = first
+  step minus a typical step, reported apart; a cold TorchInductor cache unless
+  `--keep-inductor-cache`; `--no-compile` skips it. Recompiles (TorchInductor's CPU size
+  heuristics) can still fall in the timed steps and count there; dynamo's graph-break and graph
+  counts are recorded (`compile_dynamo`).
 - `hf_fp32` / `hf_bf16` (the peer): `transformers.LlamaForSequenceClassification` (what
   `AutoModelForSequenceClassification` builds for a Llama config) of the same shape
   (`llama_config` of bench/_common.py, num_labels 1, pad_token_id 0 so it scores the last
@@ -124,7 +127,7 @@ def world_preferences(seed: int) -> tuple[list[Preference], dict[str, Any]]:
 
 def build_batches(
     tok: Tokenizer, prefs: list[Preference], n: int, seed: int
-) -> tuple[list[Batch], list[torch.Tensor], dict[str, Any]]:
+) -> tuple[list[Batch], list[Any], list[torch.Tensor], dict[str, Any]]:
     """n steps of PAIRS pairs in the reward loop's order, each collated as the loop collates
     it, the peer's attention masks for them, and what they hold."""
     order = pair_order(len(prefs), seed, 0, n * PAIRS)
@@ -133,8 +136,12 @@ def build_batches(
     t1 = time.perf_counter()
     batches = [collate_pairs(pairs, range(i * PAIRS, (i + 1) * PAIRS)) for i in range(n)]
     t2 = time.perf_counter()
+    packed = [
+        collate_pairs(pairs, range(i * PAIRS, (i + 1) * PAIRS), "packed", BLOCK) for i in range(n)
+    ]
     masks = []
-    for (ids, lengths), labels in batches:
+    for (ids, last), labels in batches:
+        lengths = seq_lengths(ids, last)
         valid = torch.arange(ids.size(1))[None, :] < lengths[:, None]  # (2B, T)
         # The peer scores the rightmost id that is not pad_token_id (0): real ids never are.
         assert bool((ids[valid] != 0).all()) and bool((ids[~valid] == 0).all())
@@ -142,18 +149,34 @@ def build_batches(
         assert bool((labels == 1.0).all()), "soft labels: the peer's loss would differ"
         masks.append(valid.long())
     slots = sum(ids.numel() for (ids, _), _ in batches)
-    real = sum(int(lengths.sum()) for (_, lengths), _ in batches)
+    real = sum(real_tokens(b) for b in batches)
+    packed_slots = sum(x[0].numel() for x, _ in packed)
     info = {
         "pairs_per_step": PAIRS,
         "steps_built": n,
         "seq_len_mean": real / (2 * PAIRS * n),
-        "seq_len_max": max(int(lengths.max()) for (_, lengths), _ in batches),
+        "seq_len_max": max(int(seq_lengths(*x).max()) for x, _ in batches),
         "padded_len_mean": sum(ids.size(1) for (ids, _), _ in batches) / n,
         "padding_share": 1 - real / slots,
+        "packed_padding_share": 1 - real / packed_slots,
         "render_s": t1 - t0,
         "collate_s_per_step": (t2 - t1) / n,
     }
-    return batches, masks, info
+    return batches, packed, masks, info
+
+
+def seq_lengths(ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Lengths of the right-padded rows of a padded batch, from their last-token indices."""
+    return last - torch.arange(ids.size(0)) * ids.size(1) + 1
+
+
+def real_tokens(batch: Batch) -> int:
+    return int(seq_lengths(*batch[0]).sum())
+
+
+def on_packed(step: common.Step, packed: list[Any]) -> common.Step:
+    """A step that trains on the packed collation of the same pairs as batch i."""
+    return lambda inputs, targets, i: step(*packed[i], i)
 
 
 # --- models and steps ---------------------------------------------------------------------
@@ -191,7 +214,7 @@ def shape_result(
 ) -> dict[str, Any]:
     timed = range(args.warmup, args.warmup + args.steps)
     pairs = PAIRS * len(timed)
-    tokens = sum(int(batches[i][0][1].sum()) for i in timed)
+    tokens = sum(real_tokens(batches[i]) for i in timed)
     out: dict[str, Any] = {}
     for v, reps in times.items():
         rates = [pairs / sum(rep) for rep in reps]
@@ -256,7 +279,9 @@ def main() -> None:
     t0 = time.perf_counter()
     tok = common.world_tokenizer(args.seed)
     prefs, data_info = world_preferences(args.seed)
-    batches, masks, batch_info = build_batches(tok, prefs, args.warmup + args.steps, args.seed)
+    batches, packed, masks, batch_info = build_batches(
+        tok, prefs, args.warmup + args.steps, args.seed
+    )
     data_info |= batch_info
     data_info["tokenizer"] = (
         f"bpe {common.WORLD_VOCAB} on generate_corpus(WorldConfig(n_docs={common.WORLD_DOCS}))"
@@ -274,7 +299,7 @@ def main() -> None:
     dtype = autocast_dtype("auto", torch.device("cpu"))
     loss = pair_loss(margin=0.0)
     timed = range(args.warmup, args.warmup + args.steps)
-    tokens_per_step = sum(int(batches[i][0][1].sum()) for i in timed) / len(timed)
+    tokens_per_step = sum(real_tokens(batches[i]) for i in timed) / len(timed)
 
     from transformers import LlamaForSequenceClassification
 
@@ -285,10 +310,14 @@ def main() -> None:
         torch.manual_seed(args.seed)
         steps: dict[str, common.Step] = {}
         models: dict[str, torch.nn.Module] = {}
-        for v in ("lmforge_eager", PEERS[0], common.COMPILED, PEERS[1]):
+        for v in ("lmforge_eager", PEERS[0], "lmforge_packed", common.COMPILED, PEERS[1]):
             if v == common.COMPILED and args.no_compile:
                 continue
-            if v.startswith("hf"):
+            if v == "lmforge_packed":  # the reward stage's default: pairs packed into rows
+                models[v] = RewardModel(Decoder(cfg))
+                step = common.lmforge_step(models[v], False, loss_fn=loss, optim=OPTIM)
+                steps[v] = on_packed(step, packed)
+            elif v.startswith("hf"):
                 hf_cfg = common.llama_config(cfg, num_labels=1)
                 models[v] = LlamaForSequenceClassification(hf_cfg)
                 steps[v] = hf_step(models[v], v.endswith("bf16"), masks)

@@ -211,3 +211,37 @@ def collate(
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     mask = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T)
     return (xt, torch.from_numpy(positions), mask[:, None]), yt
+
+
+def pack_sequences(
+    seqs: Sequence[Sequence[int]], block_size: int, *, causal: bool = True
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Pack whole sequences (each at most block_size ids) into rows, in the given order, by
+    best fit: ((x, positions, mask), last) with x, positions (R, block_size), mask
+    (R, 1, T, T) block-diagonal (causal or not) and `last` (N,) the flat index (row * T + t)
+    of each sequence's final token, in input order. Padding slots attend only to themselves."""
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    rows = best_fit(lengths, np.arange(len(seqs)), block_size)
+    T = block_size
+    x = np.zeros((len(rows), T), dtype=np.int64)
+    positions = np.zeros((len(rows), T), dtype=np.int64)
+    segment = np.full((len(rows), T), -1, dtype=np.int64)
+    last = np.zeros(len(seqs), dtype=np.int64)
+    for r, row in enumerate(rows):
+        t = 0
+        for k, i in enumerate(row):
+            n = int(lengths[i])
+            x[r, t : t + n] = seqs[i]
+            positions[r, t : t + n] = np.arange(n)
+            segment[r, t : t + n] = k
+            last[i] = r * T + t + n - 1
+            t += n
+    seg = torch.from_numpy(segment)
+    mask = seg[:, :, None] == seg[:, None, :]  # (R, T, T)
+    if causal:
+        mask &= torch.ones(T, T, dtype=torch.bool).tril()
+    else:  # a padding slot sees only itself: padding would otherwise join one segment
+        pad = seg < 0
+        mask &= ~(pad[:, :, None] & pad[:, None, :]) | torch.eye(T, dtype=torch.bool)
+    xt, pt = torch.from_numpy(x), torch.from_numpy(positions)
+    return (xt, pt, mask[:, None]), torch.from_numpy(last)

@@ -3,8 +3,8 @@
 As in InstructGPT (Ouyang et al., 2022), the trunk starts from a trained language model (the
 SFT model, typically) and a linear head maps the final hidden state of the last token of
 (prompt + response) to one number. The chat template ends a response with `<|end_of_turn|>`,
-so that is the token read. Batches are right-padded: for a causal trunk the real tokens never
-see the padding; for a bidirectional one a key mask hides it.
+so that is the token read. Batches are right-padded (one sequence per row) or packed (several per
+row, with a block-diagonal mask and positions restarting per sequence, as SFT packs examples).
 
 Shape legend: B batch, T time, D width.
 """
@@ -29,16 +29,27 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=trunk.cfg.init_std / trunk.cfg.n_embd**0.5)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) for right-padded ids (B, T) whose real lengths are `lengths` (B,)."""
-        T = idx.size(1)
-        mask = None
-        if not self.causal:  # bidirectional: hide the padding keys
+    def forward(
+        self,
+        idx: torch.Tensor,
+        last: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rewards (N,) of the sequences in idx (B, T) whose final tokens sit at the flat
+        indices `last` (N,) into B * T.
+
+        Right-padded batch: one sequence per row, no mask needed for a causal trunk; a
+        bidirectional trunk gets the padding keys hidden here. Packed batch (several sequences
+        per row): give the restarting `positions` and the block-diagonal `mask`.
+        """
+        B, T = idx.shape
+        if mask is None and not self.causal:  # padded rows: hide the padding keys
+            lengths = last - torch.arange(B, device=idx.device) * T + 1  # one per row
             valid = torch.arange(T, device=idx.device)[None, :] < lengths[:, None]  # (B, T)
             mask = valid[:, None, None, :]
-        h = self.trunk.hidden_states(idx, mask=mask)  # (B, T, D)
-        last = h[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, D)
-        return self.head(last).squeeze(-1).float()
+        h = self.trunk.hidden_states(idx, positions=positions, mask=mask)  # (B, T, D)
+        return self.head(h.reshape(B * T, -1)[last]).squeeze(-1).float()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch
 from lmforge.config import check, opt, to_dict
 from lmforge.data.instruction import Message
 from lmforge.data.preference import Preference, load_preferences
+from lmforge.data.sft_batches import pack_sequences
 from lmforge.data.world import World
 from lmforge.data.world_tasks import FLAWS, TaskConfig, make_splits
 from lmforge.errors import UserError
@@ -36,7 +37,7 @@ from lmforge.io import atomic_write_json
 from lmforge.models.reward import RewardModel
 from lmforge.models.transformer import Transformer
 from lmforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
-from lmforge.runtime import DTYPES, autocast, seed_everything
+from lmforge.runtime import DTYPES, autocast, call, seed_everything, to_device
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import render_chat
 from lmforge.training.checkpoint import load_model, load_state, save_checkpoint
@@ -66,6 +67,9 @@ class RewardConfig:
     val_data: tuple[str, ...] = opt((), "held-out preferences; empty: the last val_fraction")
     val_fraction: float = opt(0.1, "share of pairs held out when no val_data is given")
     margin: float = opt(0.0, "Bradley-Terry margin: r_chosen must beat r_rejected by this")
+    layout: Literal["packed", "padded"] = opt(
+        "packed", "training batches: sequences packed into rows (no padding) or one per row"
+    )
     tasks: TaskConfig = opt(TaskConfig(), "the world's tasks, for the correct-vs-wrong check")
     world_check: bool = opt(True, "score correct vs wrong answers on the world's test prompts")
     optim: OptimConfig = opt(
@@ -113,16 +117,24 @@ def render_pairs(tok: Tokenizer, prefs: Sequence[Preference], block: int) -> Pai
 
 
 def collate_pairs(
-    pairs: Pairs, idx: Sequence[int]
+    pairs: Pairs, idx: Sequence[int], layout: str = "padded", block: int = 0, causal: bool = True
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """((ids (2B, T), lengths (2B,)), labels (B,)): chosen rows first, then rejected."""
+    """((model inputs), labels (B,)) for pairs idx; the model returns 2B rewards, chosen first.
+
+    padded: (ids (2B, T), last (2B,)), one sequence per row. packed: (ids (R, block), last,
+    positions, mask), sequences packed into R rows as SFT packs examples (no padding to pay for).
+    """
     seqs = [pairs.chosen[i] for i in idx] + [pairs.rejected[i] for i in idx]
+    labels = torch.from_numpy(pairs.label[list(idx)])
+    if layout == "packed":
+        (x, positions, mask), last = pack_sequences(seqs, block, causal=causal)
+        return (x, last, positions, mask), labels
     T = max(len(s) for s in seqs)
     ids = torch.zeros((len(seqs), T), dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
-    lengths = torch.tensor([len(s) for s in seqs])
-    return (ids, lengths), torch.from_numpy(pairs.label[list(idx)])
+    last = torch.arange(len(seqs)) * T + torch.tensor([len(s) for s in seqs]) - 1
+    return (ids, last), labels
 
 
 def pair_order(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -153,9 +165,9 @@ def score_pairs(
     rc, rr = [], []
     for i in range(0, len(pairs), batch):
         idx = list(range(i, min(i + batch, len(pairs))))
-        (ids, lengths), _ = collate_pairs(pairs, idx)
+        x, _ = collate_pairs(pairs, idx)
         with autocast(device, dtype):
-            r = model(ids.to(device), lengths.to(device)).cpu()
+            r = call(model, to_device(x, device)).cpu()
         rc.append(r[: len(idx)])
         rr.append(r[len(idx) :])
     model.train(was)
@@ -280,7 +292,13 @@ def reward(
             lr = lr_at(step, cfg.train.max_steps, cfg.optim)
             set_lr(optimizer, lr, cfg.optim.lr)
             micro = [
-                collate_pairs(train_pairs, pair_order(len(train_pairs), cfg.train.seed, k, B))
+                collate_pairs(
+                    train_pairs,
+                    pair_order(len(train_pairs), cfg.train.seed, k, B),
+                    cfg.layout,
+                    block,
+                    model.causal,
+                )
                 for k in ((step * accum + m) * B for m in range(accum))
             ]
             loss, grad_norm = train_step(

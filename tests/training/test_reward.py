@@ -128,3 +128,31 @@ def test_label_simulated_cli_writes_pairs_with_annotator_settings(
         r["annotator"]["noise"] == 0.2 and r["annotator"]["kind"] == "simulated" for r in recs
     )
     assert all(r["chosen"] != r["rejected"] for r in recs)
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_packed_and_padded_pairs_give_the_same_rewards(family: str) -> None:
+    import torch
+
+    from lmforge.data.instruction import Message
+    from lmforge.data.preference import Preference
+    from lmforge.models import FAMILIES
+    from lmforge.models.reward import RewardModel
+    from lmforge.models.transformer import TransformerConfig
+    from lmforge.tokenizers import train_tokenizer
+    from lmforge.training.reward import collate_pairs, render_pairs
+
+    torch.manual_seed(0)
+    tok = train_tokenizer("bpe", ["What is 3 plus 4? It is 7. Stop wasting my time."] * 5, 300)
+    cfg = TransformerConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, max_seq_len=64)
+    model = RewardModel(FAMILIES[family](cfg)).eval()  # type: ignore[arg-type]
+    prefs = [
+        Preference((Message("user", "What is 3 plus " + "4" * k + "?"),), "7" * (k + 1), "It is 7.")
+        for k in range(6)
+    ]
+    pairs = render_pairs(tok, prefs, 64)
+    padded, _ = collate_pairs(pairs, range(6))
+    packed, _ = collate_pairs(pairs, range(6), "packed", 64, causal=family == "decoder")
+    assert packed[0].size(0) < padded[0].size(0), "nothing was packed; the test would be vacuous"
+    with torch.no_grad():
+        assert torch.allclose(model(*padded), model(*packed), atol=1e-5)
