@@ -85,11 +85,12 @@ def judge_all(
     stopped: Sequence[bool],
     rng: random.Random,
 ) -> Iterator[Judgment]:
-    """One judgment per unordered pair of distinct responses."""
+    """One judgment per unordered pair of distinct, non-empty responses (preference files
+    refuse empty replies, so a sample that ended at once is left out of the pairs)."""
     golds = [gold_reward(example, r, s) for r, s in zip(responses, stopped, strict=True)]
     for i in range(len(responses)):
         for j in range(i + 1, len(responses)):
-            if responses[i] == responses[j]:
+            if responses[i] == responses[j] or not (responses[i].strip() and responses[j].strip()):
                 continue  # nothing to compare
             p = annotator.p_first(golds[i], golds[j], len(responses[i]), len(responses[j]))
             a, b = (i, j) if rng.random() < p else (j, i)

@@ -47,6 +47,6 @@ def test_judgments_follow_the_annotator_probability() -> None:
 
 
 def test_identical_responses_are_not_compared_and_ceiling_is_exact() -> None:
-    js = list(judge_all(Annotator(), EX, ["7", "7", "8"], [True] * 3, random.Random(0)))
-    assert len(js) == 2  # (0, 2) and (1, 2); the identical pair is skipped
+    js = list(judge_all(Annotator(), EX, ["7", "7", "8", " "], [True] * 4, random.Random(0)))
+    assert len(js) == 2  # (0, 2) and (1, 2); the identical pair and the empty reply are skipped
     assert ceiling([0.9, 0.1, 0.5]) == pytest.approx((0.9 + 0.9 + 0.5) / 3)
