@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import torch
@@ -37,15 +37,15 @@ from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.training.checkpoint import load_model, load_reward_model
 from lmforge.training.evaluate import eval_table
 from lmforge.training.evaluate import evaluate as run_eval
-from lmforge.training.pretrain import PretrainConfig, resume_config
+from lmforge.training.pretrain import PretrainConfig
 from lmforge.training.pretrain import pretrain as run_pretrain
 from lmforge.training.reward import RewardConfig, render_pairs, score_pairs
-from lmforge.training.reward import resume_config as reward_resume_config
 from lmforge.training.reward import reward as run_reward
-from lmforge.training.rundir import check_new_output
+from lmforge.training.rundir import check_new_output, load_resume_config
 from lmforge.training.sft import SFTConfig
-from lmforge.training.sft import resume_config as sft_resume_config
 from lmforge.training.sft import sft as run_sft
+
+T = TypeVar("T")
 
 
 def _options_epilog(cls: type) -> str:
@@ -55,6 +55,24 @@ def _options_epilog(cls: type) -> str:
     for key, tp, default, help_ in rows:
         lines.append(f"  {key:<{width}}  {help_} [{tp}, default: {default or repr(default)}]")
     return "\n".join(lines)
+
+
+def _stage_config(
+    cls: type[T],
+    out: Path,
+    config_file: Path | None,
+    overrides: Sequence[str],
+    resume: bool,
+    model_dir: Path | None = None,
+    data: Sequence[str] = (),
+) -> T:
+    """A training stage's config: the run's saved one when resuming (else the defaults), with
+    the config file, the --model/--data flags and KEY=VALUE overrides laid over it."""
+    flags = [f"model={model_dir}"] if model_dir else []
+    flags += [f"data={','.join(data)}"] if data else []
+    if resume:
+        return load_resume_config(cls, out, config_file, [*flags, *overrides])
+    return C.load(cls, config_file, [*flags, *overrides])
 
 
 def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,10 +206,7 @@ def pretrain(
     """Pretrain a model from scratch on text (default: a decoder on the task world)."""
     if arch:
         overrides = (f"arch={arch}", *overrides)
-    if resume:  # continue from the run's saved config; the file and overrides change it
-        cfg = resume_config(out, config_file, overrides)
-    else:
-        cfg = C.load(PretrainConfig, config_file, overrides)
+    cfg = _stage_config(PretrainConfig, out, config_file, overrides, resume)
     last = run_pretrain(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     keys = ("step", "loss", "val_loss", "val_acc", "val_bpb", "tokens_per_s")
     click.echo(json.dumps({k: last[k] for k in keys if k in last}))
@@ -223,13 +238,7 @@ def sft(
     overrides: tuple[str, ...],
 ) -> None:
     """Fine-tune a pretrained model on instructions (default: the task world's tasks)."""
-    flags = [f"model={model_dir}"] if model_dir else []
-    flags += [f"data={','.join(data)}"] if data else []
-    overrides = (*flags, *overrides)
-    if resume:
-        cfg = sft_resume_config(out, config_file, overrides)
-    else:
-        cfg = C.load(SFTConfig, config_file, overrides)
+    cfg = _stage_config(SFTConfig, out, config_file, overrides, resume, model_dir, data)
     last = run_sft(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     keys = ("step", "loss", "val_loss", "val_em", "val_stop_rate", "tokens_per_s")
     click.echo(json.dumps({k: last[k] for k in keys if k in last}))
@@ -369,13 +378,7 @@ def reward_train(
     overrides: tuple[str, ...],
 ) -> None:
     """Train a reward model (Bradley-Terry) from a decoder or encoder checkpoint."""
-    flags = [f"model={model_dir}"] if model_dir else []
-    flags += [f"data={','.join(data)}"] if data else []
-    overrides = (*flags, *overrides)
-    if resume:
-        cfg = reward_resume_config(out, config_file, overrides)
-    else:
-        cfg = C.load(RewardConfig, config_file, overrides)
+    cfg = _stage_config(RewardConfig, out, config_file, overrides, resume, model_dir, data)
     last = run_reward(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     keys = (
         "step",

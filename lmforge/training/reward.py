@@ -55,7 +55,6 @@ from lmforge.training.rundir import (
     check_resume_config,
     check_run_dir,
     final_row,
-    load_resume_config,
     run_dir,
 )
 
@@ -346,9 +345,3 @@ def reward(
         bar.close()
         metrics.close()
     return last
-
-
-def resume_config(
-    out: Path, config_file: Path | None = None, overrides: Sequence[str] = ()
-) -> RewardConfig:
-    return load_resume_config(RewardConfig, out, config_file, overrides)

@@ -59,7 +59,6 @@ from lmforge.training.rundir import (
     check_resume_config,
     check_run_dir,
     final_row,
-    load_resume_config,
     run_dir,
 )
 
@@ -356,9 +355,3 @@ def _val_rows(examples: Examples, block: int, layout: Layout, max_rows: int) -> 
 
 def _eval_examples(cfg: SFTConfig) -> list[TaskExample]:
     return limit_per_task(make_splits(cfg.tasks)["val"], cfg.eval_prompts)
-
-
-def resume_config(
-    out: Path, config_file: Path | None = None, overrides: Sequence[str] = ()
-) -> SFTConfig:
-    return load_resume_config(SFTConfig, out, config_file, overrides)
