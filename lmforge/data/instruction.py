@@ -220,15 +220,37 @@ FORMATS: dict[str, Format] = {
     "dolly": Format(("instruction", "context", "response"), (), _from_dolly),
     "prompt_completion": Format(("prompt", "completion"), (), _from_prompt_completion),
 }
-_EXPECTED = " | ".join("+".join(f.required) for f in FORMATS.values())
+_REQUIRED = {name: fmt.required for name, fmt in FORMATS.items()}
+
+
+def first_format(required: Mapping[str, Sequence[str]], rec: Mapping[str, object]) -> str | None:
+    """The first format name (in table order) whose required fields `rec` holds, or None."""
+    for name, fields in required.items():
+        if all(field in rec for field in fields):
+            return name
+    return None
+
+
+def match_format(
+    required: Mapping[str, Sequence[str]], rec: object, loc: str, kind: str
+) -> tuple[str, dict[str, object]]:
+    """(format name, record) for a decoded record, or one error line naming `loc`: shared by
+    every reader of record formats (`kind` names the family: instruction, preference)."""
+    if not isinstance(rec, dict):
+        raise UserError(f"{loc}: expected a JSON object, got {json_kind(rec)}")
+    name = first_format(required, rec)
+    if name is None:
+        fields = ", ".join(str(k) for k in rec) or "none"
+        expected = " | ".join("+".join(r) for r in required.values())
+        raise UserError(
+            f"{loc}: record fits no {kind} format (fields: {fields}); expected one of: {expected}"
+        )
+    return name, rec
 
 
 def detect_format(rec: Mapping[str, object]) -> str | None:
     """The name of the first format in `FORMATS` whose required fields `rec` holds, or None."""
-    for name, fmt in FORMATS.items():
-        if all(field in rec for field in fmt.required):
-            return name
-    return None
+    return first_format(_REQUIRED, rec)
 
 
 def parse_record(rec: object, path: str | Path, line: int) -> Conversation:
@@ -237,16 +259,8 @@ def parse_record(rec: object, path: str | Path, line: int) -> Conversation:
 
 
 def _parse(rec: object, loc: str) -> Conversation:
-    if not isinstance(rec, dict):
-        raise UserError(f"{loc}: expected a JSON object, got {json_kind(rec)}")
-    name = detect_format(rec)
-    if name is None:
-        fields = ", ".join(str(k) for k in rec) or "none"
-        raise UserError(
-            f"{loc}: record fits no instruction format (fields: {fields}); "
-            f"expected one of: {_EXPECTED}"
-        )
-    return Conversation(FORMATS[name].convert(rec, loc), source=loc)
+    name, record = match_format(_REQUIRED, rec, loc, "instruction")
+    return Conversation(FORMATS[name].convert(record, loc), source=loc)
 
 
 def load_instructions(specs: Sequence[str]) -> list[Conversation]:

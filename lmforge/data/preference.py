@@ -45,7 +45,9 @@ from lmforge.data.instruction import (
     EMPTY_RESPONSE,
     Message,
     check_turns,
+    first_format,
     json_kind,
+    match_format,
     parse_message,
     read_records,
 )
@@ -366,15 +368,12 @@ FORMATS: dict[str, Format] = {
     "conversations": Format(("conversations", "chosen", "rejected"), (), _from_conversations),
     "hh": Format(("chosen", "rejected"), (), _from_hh),
 }
-_EXPECTED = " | ".join("+".join(f.required) for f in FORMATS.values())
+_REQUIRED = {name: fmt.required for name, fmt in FORMATS.items()}
 
 
 def detect_format(rec: Mapping[str, object]) -> str | None:
     """The name of the first format in `FORMATS` whose required fields `rec` holds, or None."""
-    for name, fmt in FORMATS.items():
-        if all(field in rec for field in fmt.required):
-            return name
-    return None
+    return first_format(_REQUIRED, rec)
 
 
 def parse_preference(rec: object, path: str | Path, line: int) -> list[Preference]:
@@ -383,16 +382,8 @@ def parse_preference(rec: object, path: str | Path, line: int) -> list[Preferenc
 
 
 def _parse(rec: object, loc: str) -> list[Preference]:
-    if not isinstance(rec, dict):
-        raise UserError(f"{loc}: expected a JSON object, got {json_kind(rec)}")
-    name = detect_format(rec)
-    if name is None:
-        fields = ", ".join(str(k) for k in rec) or "none"
-        raise UserError(
-            f"{loc}: record fits no preference format (fields: {fields}); "
-            f"expected one of: {_EXPECTED}"
-        )
-    return FORMATS[name].convert(rec, loc)
+    name, record = match_format(_REQUIRED, rec, loc, "preference")
+    return FORMATS[name].convert(record, loc)
 
 
 def preference_record(p: Preference, /, **extra: object) -> dict[str, object]:
