@@ -29,11 +29,12 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from lmforge.data.corpora import read_jsonl, read_utf8
 from lmforge.errors import UserError, where
 
+T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json")
 
@@ -268,6 +269,17 @@ def load_instructions(specs: Sequence[str]) -> list[Conversation]:
     if not specs:
         raise UserError("no instruction data given (expected .jsonl, .json or hf:NAME inputs)")
     return [conv for spec in specs for conv in read_instructions(spec)]
+
+
+def hold_out_tail(items: list[T], fraction: float, what: str) -> tuple[list[T], list[T]]:
+    """(train, val): the last `fraction` of `items` (at least one) held out, at least one kept."""
+    n_val = max(1, round(len(items) * fraction))
+    if n_val >= len(items):
+        raise UserError(
+            f"data: {len(items)} {what} are too few to hold out a validation share; "
+            "give more, or set val_data"
+        )
+    return items[:-n_val], items[-n_val:]
 
 
 def read_instructions(spec: str) -> list[Conversation]:

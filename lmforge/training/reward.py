@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lmforge.config import check, opt, to_dict
-from lmforge.data.instruction import Message
+from lmforge.data.instruction import Message, hold_out_tail
 from lmforge.data.preference import Preference, load_preferences
 from lmforge.data.sft_batches import pack_sequences
 from lmforge.data.world import World
@@ -243,10 +243,7 @@ def reward(
     if cfg.val_data:
         val_prefs = load_preferences(cfg.val_data)
     else:
-        n_val = max(1, round(len(train_prefs) * cfg.val_fraction))
-        if n_val >= len(train_prefs):
-            raise UserError(f"data: {len(train_prefs)} pair(s) are too few to hold some out")
-        train_prefs, val_prefs = train_prefs[:-n_val], train_prefs[-n_val:]
+        train_prefs, val_prefs = hold_out_tail(train_prefs, cfg.val_fraction, "pair(s)")
     device, dtype = setup_device(cfg.train)
     trunk, tok, base_config = load_model(Path(cfg.model))
     if not isinstance(trunk, Transformer):

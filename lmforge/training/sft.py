@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.config import check, opt, to_dict
-from lmforge.data.instruction import Message, load_instructions
+from lmforge.data.instruction import Message, hold_out_tail, load_instructions
 from lmforge.data.sft_batches import (
     Examples,
     Layout,
@@ -124,13 +124,7 @@ def load_sft_data(cfg: SFTConfig) -> SFTData:
         if cfg.val_data:
             val = [c.messages for c in load_instructions(cfg.val_data)]
         else:
-            n_val = max(1, round(len(train) * cfg.val_fraction))
-            if n_val >= len(train):
-                raise UserError(
-                    f"data: {len(train)} example(s) are too few to hold out a validation share; "
-                    "give more examples or val_data"
-                )
-            train, val = train[:-n_val], train[-n_val:]
+            train, val = hold_out_tail(train, cfg.val_fraction, "example(s)")
     return SFTData(train, val, world)
 
 

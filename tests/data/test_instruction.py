@@ -320,3 +320,12 @@ def test_hf_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(UserError, match=r"pip install 'lmforge\[datasets\]'"):
         read_instructions("hf:org/set")
+
+
+def test_hold_out_tail_keeps_at_least_one_on_each_side() -> None:
+    from lmforge.data.instruction import hold_out_tail
+
+    assert hold_out_tail(list(range(10)), 0.1, "x") == (list(range(9)), [9])
+    assert hold_out_tail(list(range(3)), 0.01, "x") == ([0, 1], [2])
+    with pytest.raises(UserError, match="1 example.s. are too few"):
+        hold_out_tail([0], 0.5, "example(s)")
