@@ -13,7 +13,7 @@ responses.jsonl records ({"id", "messages": [user prompt], "responses", "task", 
 labelled by `label_simulated(records, Annotator(noise=0.1))` (every pair of the four judged
 once: 6 pairs per prompt, 21,600 in all, the chosen side drawn by the noisy Bradley-Terry
 annotator) and read back with `parse_preference` (lmforge's preference-file reader) into
-`Preference`s. Step i takes the pairs `pair_order(n, seed, 16 i, 16)` (the reward loop's seeded
+`Preference`s. Step i takes the pairs `epoch_order(n, seed, 16 i, 16)` (the reward loop's seeded
 order), rendered with `render_pairs(tok, prefs, 256)` (prompt + reply + `<|end_of_turn|>`) and
 batched by `collate_pairs` -> ((ids (2B, T), last (2B,)), labels (B,)), right-padded with 0
 to the step's longest sequence (for `lmforge_packed`: packed into rows of 256); `tok` the
@@ -72,8 +72,9 @@ from lmforge.models.reward import RewardModel
 from lmforge.models.transformer import TransformerConfig
 from lmforge.runtime import autocast_dtype
 from lmforge.tokenizers import Tokenizer
+from lmforge.training.loop import epoch_order
 from lmforge.training.optim import OptimConfig
-from lmforge.training.reward import collate_pairs, pair_loss, pair_order, render_pairs
+from lmforge.training.reward import collate_pairs, pair_loss, render_pairs
 
 TARGET = 2.0
 PAIRS = 16  # pairs per step: RewardConfig's default train.batch_size
@@ -130,7 +131,7 @@ def build_batches(
 ) -> tuple[list[Batch], list[Any], list[torch.Tensor], dict[str, Any]]:
     """n steps of PAIRS pairs in the reward loop's order, each collated as the loop collates
     it, the peer's attention masks for them, and what they hold."""
-    order = pair_order(len(prefs), seed, 0, n * PAIRS)
+    order = epoch_order(len(prefs), seed, 0, n * PAIRS)
     t0 = time.perf_counter()
     pairs = render_pairs(tok, [prefs[k] for k in order], BLOCK)
     t1 = time.perf_counter()

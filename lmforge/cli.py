@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,9 +34,17 @@ from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.objectives.reward import pairwise_accuracy
 from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
+from lmforge.training.best_of_n import BestOfNConfig
+from lmforge.training.best_of_n import best_of_n as run_best_of_n
 from lmforge.training.checkpoint import load_model, load_reward_model
+from lmforge.training.dpo import DPOConfig
+from lmforge.training.dpo import dpo as run_dpo
 from lmforge.training.evaluate import eval_table
 from lmforge.training.evaluate import evaluate as run_eval
+from lmforge.training.grpo import GRPOConfig
+from lmforge.training.grpo import grpo as run_grpo
+from lmforge.training.ppo import PPOConfig
+from lmforge.training.ppo import ppo as run_ppo
 from lmforge.training.pretrain import PretrainConfig
 from lmforge.training.pretrain import pretrain as run_pretrain
 from lmforge.training.reward import RewardConfig, render_pairs, score_pairs
@@ -65,11 +73,14 @@ def _stage_config(
     resume: bool,
     model_dir: Path | None = None,
     data: Sequence[str] = (),
+    fields: Mapping[str, Path | str | None] | None = None,
 ) -> T:
     """A training stage's config: the run's saved one when resuming (else the defaults), with
-    the config file, the --model/--data flags and KEY=VALUE overrides laid over it."""
+    the config file, the --model/--data flags (or other `fields` given as flags) and KEY=VALUE
+    overrides laid over it."""
     flags = [f"model={model_dir}"] if model_dir else []
     flags += [f"data={','.join(data)}"] if data else []
+    flags += [f"{k}={v}" for k, v in (fields or {}).items() if v]
     if resume:
         return load_resume_config(cls, out, config_file, [*flags, *overrides])
     return C.load(cls, config_file, [*flags, *overrides])
@@ -417,6 +428,120 @@ def reward_score(
 
 
 # ---------------------------------------------------------------------------------------------
+# alignment: ppo, dpo, grpo, best-of-n
+
+
+def _policy_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--policy", type=click.Path(path_type=Path), help="SFT model folder (policy=...)."
+    )(f)
+
+
+def _show(last: dict[str, Any], keys: Sequence[str]) -> None:
+    click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+
+
+ALIGN_KEYS = ("step", "score", "kl", "val_gold", "val_em", "val_rm_score", "val_kl")
+
+
+@cli.command(epilog=_options_epilog(PPOConfig))
+@_stage_options
+@_policy_option
+@click.option(
+    "--reward", "reward_dir", type=click.Path(path_type=Path), help="Reward model (reward_model=)."
+)
+def ppo(
+    policy: Path | None,
+    reward_dir: Path | None,
+    out: Path,
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Optimise the SFT policy with PPO against a reward model (RLHF)."""
+    fields = {"policy": policy, "reward_model": reward_dir}
+    cfg = _stage_config(PPOConfig, out, config_file, overrides, resume, fields=fields)
+    _show(run_ppo(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet), ALIGN_KEYS)
+
+
+@cli.command(epilog=_options_epilog(DPOConfig))
+@_stage_options
+@_policy_option
+@click.option("--data", multiple=True, help="Preference file(s); repeat for several.")
+@click.option(
+    "--reward", "reward_dir", type=click.Path(path_type=Path), help="Optional: RM for the eval."
+)
+def dpo(
+    policy: Path | None,
+    data: tuple[str, ...],
+    reward_dir: Path | None,
+    out: Path,
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Optimise the SFT policy directly on preference pairs (DPO; loss=ipo for IPO)."""
+    fields = {"policy": policy, "reward_model": reward_dir}
+    cfg = _stage_config(DPOConfig, out, config_file, overrides, resume, data=data, fields=fields)
+    last = run_dpo(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    _show(last, ("step", "loss", "val_acc", "val_margin", *ALIGN_KEYS[3:]))
+
+
+@cli.command(epilog=_options_epilog(GRPOConfig))
+@_stage_options
+@_policy_option
+@click.option(
+    "--reward",
+    "reward_dir",
+    type=click.Path(path_type=Path),
+    help="Reward model: score with it (reward=model) instead of the task checker.",
+)
+def grpo(
+    policy: Path | None,
+    reward_dir: Path | None,
+    out: Path,
+    config_file: Path | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Optimise the SFT policy with GRPO: group-relative advantages, no critic; rewards from
+    the world's task checker (verifiable) by default."""
+    fields = {"policy": policy, "reward_model": reward_dir, "reward": reward_dir and "model"}
+    cfg = _stage_config(GRPOConfig, out, config_file, overrides, resume, fields=fields)
+    _show(run_grpo(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet), ALIGN_KEYS)
+
+
+@cli.command("best-of-n", epilog=_options_epilog(BestOfNConfig))
+@_policy_option
+@click.option("--reward", "reward_dir", type=click.Path(path_type=Path), help="Reward model.")
+@click.option("--n", type=int, help="Responses per prompt (n=...).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def best_of_n(
+    policy: Path | None,
+    reward_dir: Path | None,
+    n: int | None,
+    out: Path,
+    overwrite: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Baseline: keep the highest-scoring of n samples per held-out prompt (no training)."""
+    flags = [f"{k}={v}" for k, v in (("policy", policy), ("reward_model", reward_dir), ("n", n))]
+    cfg = C.load(
+        BestOfNConfig, None, [f for f in flags if not f.endswith("=None")] + list(overrides)
+    )
+    row = run_best_of_n(cfg, out, overwrite=overwrite)
+    _show(row, ("n", "gold", "sample_em", "rm_score", "kl", "gold_n1", "rm_score_n1"))
+
+
+# ---------------------------------------------------------------------------------------------
 # eval
 
 
@@ -434,15 +559,40 @@ def reward_score(
     type=click.Path(path_type=Path),
     help="Folder for metrics.jsonl and answers.jsonl [default: MODEL/eval].",
 )
+@click.option(
+    "--reward",
+    "reward_dir",
+    type=click.Path(path_type=Path),
+    help="Reward model: also report its score of the samples.",
+)
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    help="Reference model (the SFT model): also report the KL to it.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 def eval_(
-    model_dir: Path, tasks: str, out: Path | None, quiet: bool, overrides: tuple[str, ...]
+    model_dir: Path,
+    tasks: str,
+    out: Path | None,
+    reward_dir: Path | None,
+    reference: Path | None,
+    quiet: bool,
+    overrides: tuple[str, ...],
 ) -> None:
     """Exact-match accuracy per task on held-out prompts, greedy decoding (few-shot for base
-    models, the chat template for fine-tuned ones)."""
+    models, the chat template for fine-tuned ones); for chat models also the gold reward of
+    sampled answers, and with --reward/--reference the reward score and KL to the reference."""
     cfg = C.load(EvalConfig, None, overrides)
-    row = run_eval(model_dir, cfg, out or model_dir / "eval", progress=not quiet)
+    row = run_eval(
+        model_dir,
+        cfg,
+        out or model_dir / "eval",
+        reward_model=reward_dir,
+        reference=reference,
+        progress=not quiet,
+    )
     for line in eval_table(row):
         click.echo(line)
 

@@ -274,9 +274,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def describe(
-    cls: type, prefix: str = "", defaults: Any = None
-) -> list[tuple[str, str, str, str]]:
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
     """Rows of (dotted key, type, default, help) for every leaf option, for `--help`.
     `defaults` is the section's default instance when a parent sets its own."""
     rows: list[tuple[str, str, str, str]] = []

@@ -171,6 +171,9 @@ class TaskConfig:
     n_train: int = opt(600, "training examples per task (prompts may repeat within train)")
     n_val: int = opt(50, "validation examples per task (distinct prompts)")
     n_test: int = opt(100, "test examples per task (distinct prompts)")
+    n_rl: int = opt(
+        500, "RL rollout prompts per task: fresh draws, never val/test ones (may repeat train)"
+    )
     wrong_rate: float = opt(0.1, "share of SFT responses with a wrong answer")
     rambling_rate: float = opt(0.1, "share of SFT responses with a correct answer, then filler")
     impolite_rate: float = opt(0.1, "share of SFT responses with a correct answer, then rudeness")
@@ -184,7 +187,7 @@ class TaskConfig:
         known = ", ".join(TASKS)
         check(not unknown, "tasks", f"unknown task(s) {', '.join(unknown)}; choose from {known}")
         check(len(set(self.tasks)) == len(self.tasks), "tasks", "must not repeat a task")
-        for name in ("n_train", "n_val", "n_test"):
+        for name in ("n_train", "n_val", "n_test", "n_rl"):
             n = getattr(self, name)
             check(n >= 0, name, f"must be >= 0 (got {n})")
         rates = self.flaw_rates()
@@ -342,24 +345,28 @@ FLAWS: dict[str, WrongFn] = {
 # --------------------------------------------------------------------------------------------
 # Splits and records
 
-SPLITS = ("test", "val", "train")  # drawing order: held-out prompts first
+SPLITS = ("test", "val", "train", "rl")  # drawing order: held-out prompts first
 MAX_REDRAWS = 100
 
 
 def make_splits(cfg: TaskConfig) -> dict[str, list[TaskExample]]:
     """Draw `n_test`, `n_val`, `n_train` examples per task into disjoint splits, interleaving the
-    tasks round-robin so that any prefix of `len(cfg.tasks)` examples covers every task."""
+    tasks round-robin so that any prefix of `len(cfg.tasks)` examples covers every task.
+
+    A fourth split, `rl`, holds the prompts the RL stages roll out on: like the prompts of a
+    real RLHF run, new draws from the task distribution rather than the SFT examples (a policy
+    that memorised its SFT prompts has little to learn there); never a val or test prompt."""
     world = World.from_seed(cfg.seed)
     held_out: set[str] = set()  # prompts of test and val, each at most once
     out: dict[str, list[TaskExample]] = {}
     for split in SPLITS:
-        n = {"test": cfg.n_test, "val": cfg.n_val, "train": cfg.n_train}[split]
+        n = {"test": cfg.n_test, "val": cfg.n_val, "train": cfg.n_train, "rl": cfg.n_rl}[split]
         per_task = []
         for name in cfg.tasks:
             rng = random.Random(f"tasks:{cfg.seed}:{split}:{name}")
             per_task.append([_draw(name, split, world, rng, cfg, held_out) for _ in range(n)])
         out[split] = [ex for round_ in zip(*per_task, strict=True) for ex in round_]
-    return {split: out[split] for split in ("train", "val", "test")}
+    return {split: out[split] for split in ("train", "val", "test", "rl")}
 
 
 def _draw(
@@ -381,7 +388,7 @@ def _draw(
             f"test/val prompts in {MAX_REDRAWS} tries; the task has too few distinct prompts "
             f"for n_test={cfg.n_test}, n_val={cfg.n_val}: ask for fewer examples"
         )
-    if split != "train":
+    if split in ("test", "val"):
         held_out.add(prompt)
     return TaskExample(name, prompt, answer)
 
@@ -393,7 +400,7 @@ def sft_records(cfg: TaskConfig, split: str = "train", flawed: bool = True) -> l
     without it (evaluation references), every response is the canonical answer. `flaw` says which.
     """
     if split not in SPLITS:
-        raise UserError(f"world tasks: unknown split '{split}'; choose from train, val, test")
+        raise UserError(f"world tasks: unknown split '{split}'; choose from {', '.join(SPLITS)}")
     world = World.from_seed(cfg.seed)
     rng = random.Random(f"tasks:{cfg.seed}:flaws:{split}")
     rates = cfg.flaw_rates()

@@ -5,9 +5,10 @@ until `<|end_of_turn|>`. A base model has never seen the template, so it gets a 
 in plain text (`Question: ... Answer: ...` shots from the training split, same task) and its
 answer is cut at the first newline. Both are scored by the world's checker (`is_correct`).
 
-Besides accuracy per task (and their macro mean), the row reports how often generations stop on
-their own (`stop_rate`: end-of-turn for chat models, a newline or end-of-text for base models)
-and the share of answers that ramble or are impolite, the flaws alignment is meant to remove.
+Besides accuracy per task (and their macro mean), the row reports the mean gold reward of the
+greedy answers (0-1, `gold_greedy`), how often generations stop on their own (`stop_rate`:
+end-of-turn for chat models, a newline or end-of-text for base models) and the share of answers
+that ramble or are impolite, the flaws alignment is meant to remove.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lmforge.data.world_tasks import (
     is_rambling,
 )
 from lmforge.errors import UserError
+from lmforge.feedback.simulated import gold_score
 from lmforge.generation.generate import SamplingConfig, generate, generate_seq2seq
 from lmforge.models import Model
 from lmforge.models.decoder import Decoder
@@ -45,8 +47,15 @@ class EvalConfig:
     few_shot: int = opt(3, "base models only: solved examples shown before each question")
     max_new_tokens: int = opt(48, "longest answer generated")
     batch_size: int = opt(32, "prompts generated together")
+    samples: int = opt(
+        1, "chat models: sampled responses per prompt for gold reward, reward score, KL (0: off)"
+    )
+    temperature: float = opt(1.0, "temperature of those samples (RL's rollout temperature)")
+    seed: int = opt(0, "seed of those samples")
 
     def __post_init__(self) -> None:
+        check(self.samples >= 0, "samples", "must be >= 0")
+        check(self.temperature > 0, "temperature", "must be > 0")
         check(self.limit >= 0, "limit", "must be >= 0")
         check(self.few_shot >= 0, "few_shot", "must be >= 0")
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
@@ -88,6 +97,9 @@ def summarize(answers: Sequence[Answer]) -> dict[str, Any]:
     }
     n = len(answers)
     row["em"] = sum(row.values()) / len(by_task)
+    row["gold_greedy"] = sum(gold_score(a.example, a.response, a.stopped) for a in answers) / len(
+        answers
+    )
     row["stop_rate"] = sum(a.stopped for a in answers) / n
     row["rambling_rate"] = sum(is_rambling(a.response) for a in answers) / n
     row["impolite_rate"] = sum(is_impolite(a.response) for a in answers) / n

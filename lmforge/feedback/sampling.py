@@ -21,7 +21,7 @@ from tqdm import tqdm
 from lmforge.config import check, opt, to_dict
 from lmforge.data.corpora import read_jsonl
 from lmforge.data.instruction import Message, parse_record
-from lmforge.data.world_tasks import TaskConfig, make_splits
+from lmforge.data.world_tasks import SPLITS, TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError, where
 from lmforge.generation.generate import SamplingConfig, generate, generate_seq2seq
 from lmforge.models import Model
@@ -34,7 +34,7 @@ from lmforge.tokenizers.chat import end_of_turn_id, render_chat
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     n: int = opt(4, "responses per prompt (K)")
-    split: str = opt("train", "world prompts: which split of the tasks (train, val, test)")
+    split: str = opt("train", "world prompts: which split of the tasks (train, val, test, rl)")
     limit: int = opt(0, "prompts to use (0: all); world prompts are interleaved across tasks")
     batch_size: int = opt(64, "sequences generated together (prompts x K)")
     sampling: SamplingConfig = opt(
@@ -44,7 +44,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check(self.n >= 1, "n", f"must be >= 1 (got {self.n})")
-        check(self.split in ("train", "val", "test"), "split", "must be train, val or test")
+        check(self.split in SPLITS, "split", f"must be one of {', '.join(SPLITS)}")
         check(self.limit >= 0, "limit", "must be >= 0")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
 
@@ -57,12 +57,16 @@ class Prompt:
     answer: str | None = None
 
 
-def world_prompts(cfg: SampleConfig) -> list[Prompt]:
-    examples = make_splits(cfg.tasks)[cfg.split]
-    out = [
-        Prompt(f"world:{cfg.split}:{i}", (Message("user", ex.prompt),), ex.task, ex.answer)
+def task_prompts(examples: Sequence[TaskExample], split: str) -> list[Prompt]:
+    """World task examples as one-turn prompts that keep their task and answer."""
+    return [
+        Prompt(f"world:{split}:{i}", (Message("user", ex.prompt),), ex.task, ex.answer)
         for i, ex in enumerate(examples)
     ]
+
+
+def world_prompts(cfg: SampleConfig) -> list[Prompt]:
+    out = task_prompts(make_splits(cfg.tasks)[cfg.split], cfg.split)
     return out[: cfg.limit] if cfg.limit else out
 
 

@@ -36,6 +36,7 @@ from lmforge.data.world_tasks import TaskExample, extract_answer, is_correct, is
 from lmforge.errors import UserError
 
 STYLE_WEIGHT = 0.25
+GOLD_MAX = 1.0 + 3 * STYLE_WEIGHT
 
 
 def gold_reward(example: TaskExample, response: str, stopped: bool = True) -> float:
@@ -47,6 +48,11 @@ def gold_reward(example: TaskExample, response: str, stopped: bool = True) -> fl
     polite = not is_impolite(response)
     style = sum((well_formed, concise, polite)) * STYLE_WEIGHT
     return float(is_correct(example, response)) + style
+
+
+def gold_score(example: TaskExample, response: str, stopped: bool = True) -> float:
+    """The gold reward on a 0-1 scale (divided by its maximum), as alignment reports it."""
+    return gold_reward(example, response, stopped) / GOLD_MAX
 
 
 @dataclass(frozen=True, kw_only=True)

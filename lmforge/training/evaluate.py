@@ -13,12 +13,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.config import build, to_dict
 from lmforge.data.world_tasks import TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError
 from lmforge.evaluation.tasks import EvalConfig, evaluate_tasks, limit_per_task
+from lmforge.feedback.sampling import task_prompts
+from lmforge.generation.generate import SamplingConfig
 from lmforge.io import atomic_dir
+from lmforge.models.decoder import Decoder
+from lmforge.training.align import load_reward
 from lmforge.training.checkpoint import load_model
+from lmforge.training.rollout import prompt_ids, sample_metrics
 
 EVAL_FILES = ("metrics.jsonl", "answers.jsonl")
 
@@ -30,13 +37,30 @@ def task_config_of(config: dict[str, Any], source: str) -> TaskConfig:
 
 
 def evaluate(
-    model_dir: Path, cfg: EvalConfig, out: Path, *, progress: bool = True
+    model_dir: Path,
+    cfg: EvalConfig,
+    out: Path,
+    *,
+    reward_model: Path | None = None,
+    reference: Path | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Score the model in `model_dir`; write `out/metrics.jsonl` and `out/answers.jsonl`
-    (replacing an earlier eval there) and return the metrics row."""
+    (replacing an earlier eval there) and return the metrics row.
+
+    A chat model is also sampled (`cfg.samples` per prompt at `cfg.temperature`): the mean gold
+    reward of the samples, with `reward_model` their reward-model score, and with `reference`
+    (typically the SFT model) the policy's KL to it, nats per response."""
     if out.exists() and not (out.is_dir() and set(os.listdir(out)) <= set(EVAL_FILES)):
         raise UserError(f"{out}: exists and is not an eval folder; choose another --out")
     model, tok, config = load_model(model_dir)
+    rm = load_reward(str(reward_model), tok, torch.device("cpu")) if reward_model else None
+    ref: Decoder | None = None
+    if reference is not None:
+        loaded, ref_tok, _ = load_model(reference)
+        if ref_tok.fingerprint != tok.fingerprint or not isinstance(loaded, Decoder):
+            raise UserError(f"reference: {reference} is not a decoder with the model's tokenizer")
+        ref = loaded
     tasks = task_config_of(config, str(model_dir / "config.json"))
     splits = make_splits(tasks)
     examples = limit_per_task(splits[cfg.split], cfg.limit)
@@ -48,6 +72,20 @@ def evaluate(
     row, answers = evaluate_tasks(
         model, tok, examples, cfg, chat=chat, shots=shots, progress=progress
     )
+    if chat and cfg.samples and isinstance(model, Decoder):
+        sampling = SamplingConfig(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed
+        )
+        # Prompts too long to leave room for an answer (long stories, small models) are left
+        # out of the sampled part; the greedy part above cuts them from the left instead.
+        room = model.cfg.max_seq_len - cfg.max_new_tokens
+        fits = [
+            p for p in task_prompts(examples, cfg.split) if len(prompt_ids(tok, [p])[0]) <= room
+        ]
+        if fits:
+            prompts = [p for p in fits for _ in range(cfg.samples)]
+            sampled, _ = sample_metrics(model, tok, prompts, sampling, reference=ref, rm=rm)
+            row.update(sampled, n_sampled_prompts=len(fits))
     row = {
         "stage": "eval",
         "model": str(model_dir),
@@ -81,11 +119,16 @@ def eval_table(row: dict[str, Any]) -> list[str]:
     """The metrics row as a small text table."""
     lines = [f"{row['model']} ({row['mode']}, {row['split']} split, {row['n_prompts']} prompts)"]
     tasks = sorted(k for k in row if k.startswith("em/"))
-    width = max(len(k) - 3 for k in [*tasks, "em/stop rate"])
+    width = max(len(k) - 3 for k in [*tasks, "em/KL to reference"])
     for k in tasks:
         lines.append(f"  {k[3:]:<{width}}  {row[k]:.3f}")
     lines.append(f"  {'mean':<{width}}  {row['em']:.3f}")
     lines.append(f"  {'stop rate':<{width}}  {row['stop_rate']:.3f}")
     lines.append(f"  {'rambling':<{width}}  {row['rambling_rate']:.3f}")
     lines.append(f"  {'impolite':<{width}}  {row['impolite_rate']:.3f}")
+    lines.append(f"  {'gold (greedy)':<{width}}  {row['gold_greedy']:.3f}")
+    labels = {"gold": "gold (sampled)", "rm_score": "reward model", "kl": "KL to reference"}
+    for key, label in labels.items():
+        if key in row:
+            lines.append(f"  {label:<{width}}  {row[key]:.3f}")
     return lines

@@ -6,12 +6,14 @@ here is only what would otherwise be copied between them.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -133,6 +135,17 @@ class Throughput:
         r = self.tokens / max(now - self.t0, 1e-9)
         self.t0, self.tokens = now, 0
         return r
+
+
+def epoch_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Items start .. start+count-1 of a run that visits all n items once per epoch, each epoch
+    in its own seeded order: a pure function of the position, so a resumed run continues it."""
+    return [int(_permutation(n, seed, k // n)[k % n]) for k in range(start, start + count)]
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def due(done: int, every: int, total: int) -> bool:

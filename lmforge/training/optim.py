@@ -20,6 +20,7 @@ Schedules are pure functions of the step, so resuming needs no scheduler state:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,16 +59,24 @@ class OptimConfig:
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, also: Sequence[tuple[nn.Module, float]] = ()
+) -> torch.optim.Optimizer:
+    """The optimizer of `model`; `also` adds (module, peak lr) pairs to the same AdamW, e.g. a
+    PPO critic beside its policy, so one state dict holds both."""
     if cfg.name == "muon":
+        if also:
+            raise ValueError("muon: one model per optimizer")
         return _build_muon(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups: list[dict[str, Any]] = []
+    for module, lr in [(model, cfg.lr), *also]:
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups += [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        if also:
+            groups[-2]["lr"] = groups[-1]["lr"] = groups[-2]["base_lr"] = groups[-1]["base_lr"] = lr
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)  # type: ignore[arg-type]

@@ -14,7 +14,6 @@ answers outrank wrong ones on the world's test prompts (which no training pair u
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from lmforge.training.loop import (
     Throughput,
     TrainConfig,
     due,
+    epoch_order,
     setup_device,
     step_bar,
     train_step,
@@ -134,16 +134,6 @@ def collate_pairs(
         ids[b, : len(s)] = torch.tensor(s)
     last = torch.arange(len(seqs)) * T + torch.tensor([len(s) for s in seqs]) - 1
     return (ids, last), labels
-
-
-def pair_order(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Pair indices start .. start+count-1 of a run that visits all pairs once per epoch."""
-    return [int(_epoch_order(n, seed, k // n)[k % n]) for k in range(start, start + count)]
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def pair_loss(margin: float):  # noqa: ANN201 - a loss closure for train_step
@@ -290,7 +280,7 @@ def reward(
             micro = [
                 collate_pairs(
                     train_pairs,
-                    pair_order(len(train_pairs), cfg.train.seed, k, B),
+                    epoch_order(len(train_pairs), cfg.train.seed, k, B),
                     cfg.layout,
                     block,
                     model.causal,

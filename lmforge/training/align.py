@@ -1,0 +1,251 @@
+"""What the alignment stages (PPO, GRPO, DPO) share: loading the policy with its frozen
+reference and the reward model, their prompts, and the held-out evaluation they log.
+
+Held-out evaluation of a policy (`eval_policy`), on the world's validation prompts:
+- exact match of greedy answers (what `lmforge eval` reports for every model);
+- on samples at the rollout temperature, what RL optimises: mean gold reward (0-1), reward-model
+  score, KL to the reference (nats per response), length and stop rate.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lmforge.config import to_dict
+from lmforge.data.world_tasks import TaskConfig, TaskExample, make_splits
+from lmforge.errors import UserError
+from lmforge.evaluation.tasks import EvalConfig, evaluate_tasks, limit_per_task
+from lmforge.feedback.sampling import Prompt, file_prompts, task_prompts
+from lmforge.generation.generate import SamplingConfig
+from lmforge.io import atomic_write_json
+from lmforge.models.decoder import Decoder
+from lmforge.models.reward import RewardModel
+from lmforge.runtime import seed_everything
+from lmforge.tokenizers import Tokenizer
+from lmforge.tokenizers.chat import JINJA_TEMPLATE
+from lmforge.training.checkpoint import load_model, load_reward_model
+from lmforge.training.diagnostics import DiagnosticsConfig, pathologies
+from lmforge.training.loop import epoch_order, setup_device
+from lmforge.training.metrics import MetricsWriter, read_metrics
+from lmforge.training.rollout import (
+    Rollout,
+    check_prompt_room,
+    prompt_ids,
+    rollout,
+    sample_metrics,
+)
+from lmforge.training.rundir import check_resume_config, check_run_dir
+
+
+@dataclass(frozen=True)
+class AlignData:
+    train: list[Prompt]  # rollout prompts
+    eval: list[Prompt]  # held-out world prompts
+    dropped: int = 0  # world prompts left out: longer than the model's context allows
+
+
+def load_align_data(
+    source: str,
+    tasks: TaskConfig,
+    eval_per_task: int,
+    tok: Tokenizer,
+    sampling: SamplingConfig,
+    context: int,
+    rollouts: bool = True,
+) -> AlignData:
+    """Rollout prompts (the world's rl split, or a prompt file) and held-out world prompts.
+
+    World prompts too long for the model's context (long stories, for a small model) are left
+    out and counted; a prompt file's must all fit."""
+    room = context - sampling.max_new_tokens
+    splits = make_splits(tasks)
+    held = (
+        task_prompts(limit_per_task(splits["val"], eval_per_task), "val") if eval_per_task else []
+    )
+    if not rollouts:
+        train: list[Prompt] = []
+    elif source == "world":
+        train = task_prompts(splits["rl"], "rl")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"prompts: {source}: no such file (or give 'world')")
+        train = file_prompts(path)
+        check_prompt_room(tok, train, context, sampling.max_new_tokens)
+    fits = [p for p in train if source != "world" or len(prompt_ids(tok, [p])[0]) <= room]
+    held_fits = [p for p in held if len(prompt_ids(tok, [p])[0]) <= room]
+    if rollouts and not fits:
+        raise UserError(f"prompts: none fits the model's context of {context} tokens")
+    return AlignData(fits, held_fits, len(train) - len(fits) + len(held) - len(held_fits))
+
+
+@dataclass(frozen=True)
+class RLStart:
+    """What an RL stage has once its input is validated and its models are loaded."""
+
+    state: Path | None  # the checkpoint to resume from, if any
+    device: torch.device
+    dtype: torch.dtype
+    policy: Decoder
+    reference: Decoder
+    tok: Tokenizer
+    rm: RewardModel | None
+    data: AlignData
+
+
+def start_rl(cfg: Any, out: Path, resume: bool, overwrite: bool, rollouts: bool = True) -> RLStart:
+    """The shared start of PPO, GRPO and DPO (configs with policy, reward_model, prompts, tasks,
+    eval_prompts, sampling, train): check the run folder, then load everything, seeded."""
+    state = check_run_dir(out, resume=resume, overwrite=overwrite)
+    if state is not None:
+        check_resume_config(to_dict(cfg), out)
+    device, dtype = setup_device(cfg.train)
+    seed_everything(cfg.train.seed)
+    policy, reference, tok, _ = load_policy_pair(Path(cfg.policy), out, device)
+    rm = load_reward(cfg.reward_model, tok, device) if cfg.reward_model else None
+    source = getattr(cfg, "prompts", "world")
+    data = load_align_data(
+        source, cfg.tasks, cfg.eval_prompts, tok, cfg.sampling, policy.cfg.max_seq_len, rollouts
+    )
+    return RLStart(state, device, dtype, policy, reference, tok, rm, data)
+
+
+def policy_run_config(stage: str, objective: str, cfg: Any, s: RLStart) -> dict[str, Any]:
+    """run_config.json / config.json of an aligned policy: a chat decoder like the SFT model."""
+    return {
+        "stage": stage,
+        "family": "decoder",
+        "objective": objective,
+        "base_model": cfg.policy,
+        "chat_template": JINJA_TEMPLATE,
+        "run": to_dict(cfg),
+        "model": to_dict(s.policy.cfg),
+        "tokenizer_fingerprint": s.tok.fingerprint,
+    }
+
+
+def open_run(
+    out: Path, s: RLStart, run_config: dict[str, Any], start: int
+) -> tuple[MetricsWriter, list[dict[str, Any]]]:
+    """Write the tokenizer (fresh run) and run config; open metrics.jsonl (cut back to `start`
+    when resuming) and return it with the iteration rows logged so far."""
+    if s.state is None:
+        s.tok.save(out / "tokenizer")
+    atomic_write_json(out / "run_config.json", run_config)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start if s.state else None)
+    history = [r for r in read_metrics(out / "metrics.jsonl") if "score" in r] if s.state else []
+    return metrics, history
+
+
+def load_policy_pair(
+    policy_dir: Path, out: Path, device: torch.device
+) -> tuple[Decoder, Decoder, Tokenizer, dict[str, Any]]:
+    """The trainable policy and its frozen copy, the reference, both from `policy_dir`."""
+    if policy_dir.resolve() == out.resolve():
+        raise UserError(f"policy: {policy_dir} is the output folder; write elsewhere")
+    policy, tok, config = load_model(policy_dir, device=device)
+    if not isinstance(policy, Decoder):
+        raise UserError(
+            f"policy: {policy_dir} holds a '{config['family']}'; alignment needs a decoder"
+        )
+    if config.get("stage") == "pretrain":
+        raise UserError(
+            f"policy: {policy_dir} is a base model; fine-tune it first (lmforge sft) so it "
+            "follows the chat template"
+        )
+    reference, _, _ = load_model(policy_dir, device=device)
+    assert isinstance(reference, Decoder)
+    reference.requires_grad_(False)
+    return policy.train(), reference.eval(), tok, config
+
+
+def load_reward(rm_dir: str, tok: Tokenizer, device: torch.device) -> RewardModel:
+    rm, rm_tok, _ = load_reward_model(Path(rm_dir), device)
+    if rm_tok.fingerprint != tok.fingerprint:
+        raise UserError(
+            f"reward_model: {rm_dir} uses another tokenizer than the policy; train the reward "
+            "model from the same SFT model"
+        )
+    rm.requires_grad_(False)
+    return rm.eval()
+
+
+def eval_policy(
+    policy: Decoder,
+    reference: Decoder | None,
+    rm: RewardModel | None,
+    tok: Tokenizer,
+    data: AlignData,
+    sampling: SamplingConfig,
+) -> tuple[dict[str, Any], Rollout]:
+    """The held-out row (see the module docstring) and the sampled rollout behind it."""
+    examples = [
+        TaskExample(p.task or "", p.messages[-1].content, p.answer or "") for p in data.eval
+    ]
+    greedy, _ = evaluate_tasks(
+        policy, tok, examples, EvalConfig(max_new_tokens=sampling.max_new_tokens), chat=True
+    )
+    row, ro = sample_metrics(policy, tok, data.eval, sampling, reference=reference, rm=rm)
+    policy.train()
+    return {"em": greedy["em"], **row}, ro
+
+
+def iteration_rollout(
+    policy: Decoder,
+    tok: Tokenizer,
+    data: AlignData,
+    sampling: SamplingConfig,
+    *,
+    seed: int,
+    iteration: int,
+    prompts: int,
+    group: int = 1,
+) -> Rollout:
+    """Iteration `iteration`'s rollout: the next `prompts` training prompts of a seeded order
+    that visits them all once per epoch, each sampled `group` times (consecutive rows), with a
+    sampling seed of its own. A pure function of the iteration, so resuming repeats it."""
+    order = epoch_order(len(data.train), seed, iteration * prompts, prompts)
+    chosen = [data.train[i] for i in order for _ in range(group)]
+    seeded = SamplingConfig(**{**to_dict(sampling), "seed": sampling.seed + 1000 * iteration})
+    return rollout(policy, tok, chosen, seeded, batch_size=len(chosen))
+
+
+def warn(
+    history: list[dict[str, Any]], row: dict[str, Any], cfg: DiagnosticsConfig, warned: set[str]
+) -> None:
+    """Append `row` to the history; print each pathology it newly shows once, naming it in the
+    row's `warnings`."""
+    history.append(row)
+    for name, message in pathologies(history, cfg).items():
+        if name not in warned:
+            warned.add(name)
+            row.setdefault("warnings", []).append(name)
+            tqdm.write(f"warning (iteration {row['step']}): {message}", file=sys.stderr)
+
+
+def eval_row(
+    policy: Decoder,
+    reference: Decoder,
+    rm: RewardModel | None,
+    tok: Tokenizer,
+    data: AlignData,
+    sampling: SamplingConfig,
+    progress: bool,
+    step: int,
+) -> dict[str, Any]:
+    """`eval_policy` as `val_*` metrics plus one sample conversation, printed when verbose."""
+    ev, sample = eval_policy(policy, reference, rm, tok, data, sampling)
+    row: dict[str, Any] = {f"val_{k}": v for k, v in ev.items()}
+    row["sample"] = {"prompt": sample.prompts[0].messages[-1].content, "response": sample.texts[0]}
+    if progress:
+        tqdm.write(
+            f"step {step}: held-out gold {ev.get('gold', float('nan')):.3f} "
+            f"kl {ev['kl']:.2f} exact match {ev['em']:.3f}"
+        )
+    return row

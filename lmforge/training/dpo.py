@@ -1,0 +1,259 @@
+"""DPO (and IPO) from preference pairs, starting from the SFT model.
+
+`dpo(cfg, out)` reads and validates the preference files, renders each side of each pair with
+the chat template (prompt + reply + `<|end_of_turn|>`, loss mask on the reply), computes the
+frozen reference's summed log-probs of every sequence once, then runs a plain loop: B pairs ->
+one forward over the 2B right-padded sequences -> summed reply log-probs -> loss from the
+`objectives/dpo.py` table -> backward -> clip -> step -> log -> eval -> checkpoint. Pairs are
+visited in a seeded order that is a pure function of the step, so a killed run resumes exactly.
+
+Evaluation: held-out pair loss, implicit-reward accuracy and margin; on the world also the
+policy's held-out gold reward, exact match and KL to the reference (`training/align.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lmforge.config import check, opt
+from lmforge.data.instruction import Message, hold_out_tail
+from lmforge.data.preference import Preference, load_preferences
+from lmforge.data.world_tasks import TaskConfig
+from lmforge.generation.generate import SamplingConfig
+from lmforge.models.decoder import Decoder
+from lmforge.objectives.dpo import DPO_LOSSES, dpo_loss
+from lmforge.objectives.lm import token_logprobs
+from lmforge.runtime import DTYPES, autocast, to_device
+from lmforge.tokenizers import Tokenizer
+from lmforge.tokenizers.chat import render_chat
+from lmforge.training.align import eval_policy, open_run, policy_run_config, start_rl
+from lmforge.training.checkpoint import load_state, save_checkpoint
+from lmforge.training.loop import TrainConfig, due, epoch_order, step_bar, train_step
+from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.rundir import final_row, run_dir
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    policy: str = opt("", "SFT checkpoint: the starting policy and the frozen reference")
+    data: tuple[str, ...] = opt((), "preference files (.jsonl/.json) or hf:NAME[:SPLIT]")
+    val_data: tuple[str, ...] = opt((), "held-out preferences; empty: the last val_fraction")
+    val_fraction: float = opt(0.1, "share of pairs held out when no val_data is given")
+    loss: str = opt("sigmoid", f"one of {', '.join(DPO_LOSSES)}")
+    beta: float = opt(0.1, "strength of the implicit KL constraint to the reference")
+    reward_model: str = opt("", "optional: a reward model whose score the eval reports")
+    tasks: TaskConfig = opt(TaskConfig(), "the world's tasks, for the held-out eval")
+    eval_prompts: int = opt(10, "held-out world prompts per task at each evaluation (0: none)")
+    sampling: SamplingConfig = opt(
+        SamplingConfig(temperature=1.0, max_new_tokens=32), "sampling of the held-out eval"
+    )
+    optim: OptimConfig = opt(
+        OptimConfig(lr=1e-5, warmup_steps=10, weight_decay=0.0), "optimizer and schedule"
+    )
+    train: TrainConfig = opt(
+        TrainConfig(max_steps=200, batch_size=16, eval_every=100, ckpt_every=100),
+        "training loop (batch_size counts pairs)",
+    )
+
+    def __post_init__(self) -> None:
+        check(bool(self.policy), "policy", "give the SFT checkpoint (--policy DIR)")
+        check(len(self.data) > 0, "data", "give at least one preference file (--data FILE)")
+        check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+        check(self.loss in DPO_LOSSES, "loss", f"must be one of {', '.join(DPO_LOSSES)}")
+        check(self.beta > 0, "beta", "must be > 0")
+        check(self.eval_prompts >= 0, "eval_prompts", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PairSeqs:
+    """Both sides of every pair: ids and reply masks, chosen first then rejected per pair."""
+
+    ids: list[list[int]]  # 2N sequences: pair i's chosen at 2i, rejected at 2i + 1
+    masks: list[list[bool]]
+    label: torch.Tensor  # (N,) P(chosen preferred)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def render_pair_seqs(tok: Tokenizer, prefs: Sequence[Preference], block: int) -> PairSeqs:
+    ids, masks = [], []
+    for p in prefs:
+        for reply in (p.chosen, p.rejected):
+            x, m = render_chat(tok, [*p.prompt, Message("assistant", reply)])
+            ids.append(x[-block:])  # a long prompt loses its start; the reply stays
+            masks.append(m[-block:])
+    return PairSeqs(ids, masks, torch.tensor([p.label for p in prefs], dtype=torch.float32))
+
+
+def collate_seqs(seqs: PairSeqs, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (2B, T), reply mask (2B, T)) for pairs idx, right-padded: chosen rows first."""
+    rows = [2 * i for i in idx] + [2 * i + 1 for i in idx]
+    T = max(len(seqs.ids[r]) for r in rows)
+    ids = torch.zeros((len(rows), T), dtype=torch.long)
+    mask = torch.zeros((len(rows), T))
+    for b, r in enumerate(rows):
+        n = len(seqs.ids[r])
+        ids[b, :n] = torch.tensor(seqs.ids[r])
+        mask[b, :n] = torch.tensor(seqs.masks[r], dtype=torch.float32)
+    return ids, mask
+
+
+def sequence_logprobs(model: Decoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probs of the masked (reply) tokens of each row: (B, T) -> (B,)."""
+    logits = model(ids[:, :-1])
+    return (token_logprobs(logits, ids[:, 1:]) * mask[:, 1:]).sum(dim=1)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    ref: Decoder, seqs: PairSeqs, device: torch.device, dtype: torch.dtype, batch: int = 32
+) -> torch.Tensor:
+    """(N, 2): the reference's summed reply log-probs of (chosen, rejected) of every pair."""
+    out = []
+    for i in range(0, len(seqs), batch):
+        idx = list(range(i, min(i + batch, len(seqs))))
+        ids, mask = to_device(collate_seqs(seqs, idx), device)
+        with autocast(device, dtype):
+            lp = sequence_logprobs(ref, ids, mask).float().cpu()
+        out.append(torch.stack([lp[: len(idx)], lp[len(idx) :]], dim=1))
+    return torch.cat(out)
+
+
+def dpo(
+    cfg: DPOConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Optimise the policy in `out` with DPO; return the final metrics row."""
+    train_prefs = load_preferences(cfg.data)  # bad data fails before any model is loaded
+    if cfg.val_data:
+        val_prefs = load_preferences(cfg.val_data)
+    else:
+        train_prefs, val_prefs = hold_out_tail(train_prefs, cfg.val_fraction, "pair(s)")
+    s = start_rl(cfg, out, resume, overwrite, rollouts=False)
+    policy, reference, tok, rm, world = s.policy, s.reference, s.tok, s.rm, s.data
+    device, dtype, state = s.device, s.dtype, s.state
+    block = cfg.train.block_size or policy.cfg.max_seq_len
+    train, val = render_pair_seqs(tok, train_prefs, block), render_pair_seqs(tok, val_prefs, block)
+    ref_train = reference_logprobs(reference, train, device, dtype)
+    ref_val = reference_logprobs(reference, val, device, dtype)
+    optimizer = build_optimizer(policy, cfg.optim)
+    run_config = policy_run_config("dpo", f"dpo-{cfg.loss}", cfg, s)
+
+    def loss_fn(logps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B = y.size(0)
+        return dpo_loss(logps[:B], logps[B:], y[:, 0], y[:, 1], cfg.beta, cfg.loss, y[:, 2])[0]
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return sequence_logprobs(policy, ids, mask)
+
+    with run_dir(out, fresh=state is None, overwrite=overwrite):
+        start = 0
+        if state is not None:
+            saved = load_state(state, policy, optimizer)
+            start, dtype = saved["step"], DTYPES[saved["autocast"]]
+        metrics, _ = open_run(out, s, run_config, start)
+        if state is None:
+            metrics.log({"step": 0, "n_train": len(train), "n_val": len(val)})
+        if progress:
+            tqdm.write(
+                f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train)} pairs, {len(val)} held out | "
+                f"{device} | " + (f"resuming at step {start}" if start else f"from {cfg.policy}")
+            )
+        if start >= cfg.train.max_steps:
+            metrics.close()
+            tqdm.write(f"{out}: already complete at step {start} (raise train.max_steps)")
+            return final_row(out)
+
+        bar = step_bar("dpo", cfg.train.max_steps, start, progress)
+        last: dict[str, Any] = {}
+        t_start = time.perf_counter()
+        B = cfg.train.batch_size
+        for step in range(start, cfg.train.max_steps):
+            lr = lr_at(step, cfg.train.max_steps, cfg.optim)
+            set_lr(optimizer, lr, cfg.optim.lr)
+            micro = []
+            for m in range(cfg.train.grad_accum):
+                idx = epoch_order(
+                    len(train), cfg.train.seed, (step * cfg.train.grad_accum + m) * B, B
+                )
+                y = torch.cat([ref_train[idx], train.label[idx, None]], dim=1)  # (B, 3)
+                micro.append((collate_seqs(train, idx), y))
+            loss, grad_norm = train_step(
+                policy,
+                optimizer,
+                micro,
+                loss_fn,
+                n_micro=cfg.train.grad_accum,
+                device=device,
+                dtype=dtype,
+                grad_clip=cfg.optim.grad_clip,
+                step=step + 1,
+                forward=forward,
+            )
+            done = step + 1
+            bar.update(1)
+            row: dict[str, Any] = {}
+            if due(done, cfg.train.log_every, cfg.train.max_steps):
+                row = {
+                    "step": done,
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "elapsed_s": time.perf_counter() - t_start,
+                }
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if due(done, cfg.train.eval_every, cfg.train.max_steps):
+                row.setdefault("step", done)
+                row.update(held_out(policy, val, ref_val, cfg, device, dtype))
+                if world.eval:
+                    ev, _ = eval_policy(policy, reference, rm, tok, world, cfg.sampling)
+                    row.update({f"val_{k}": v for k, v in ev.items()})
+                if progress:
+                    extra = f" gold {row['val_gold']:.3f}" if "val_gold" in row else ""
+                    bar.write(f"step {done}: pair accuracy {row['val_acc']:.3f}{extra}")
+            if row:
+                metrics.log(row)
+                last.update(row)
+            if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
+                save_checkpoint(
+                    out, done, policy, optimizer, run_config, dtype, cfg.train.keep_checkpoints
+                )
+        bar.close()
+        metrics.close()
+    return last
+
+
+@torch.no_grad()
+def held_out(
+    policy: Decoder,
+    val: PairSeqs,
+    ref_val: torch.Tensor,
+    cfg: DPOConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int = 32,
+) -> dict[str, float]:
+    """Held-out DPO loss, implicit-reward accuracy (chosen above rejected) and mean margin."""
+    policy.eval()
+    pol = reference_logprobs(policy, val, device, dtype, batch)
+    policy.train()
+    loss, rc, rr = dpo_loss(
+        pol[:, 0], pol[:, 1], ref_val[:, 0], ref_val[:, 1], cfg.beta, cfg.loss, val.label
+    )
+    return {
+        "val_loss": float(loss),
+        "val_acc": float((rc > rr).float().mean()),
+        "val_margin": float((rc - rr).mean()),
+    }

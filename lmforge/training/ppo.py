@@ -1,0 +1,315 @@
+"""PPO against a reward model (RLHF), following InstructGPT and the published implementation
+details of RLHF with PPO (Huang et al., 2024).
+
+The policy and the frozen reference both start from the SFT model; the critic is a separate
+network with a per-token value head, initialised from the reward model (default) or from the
+SFT model. One iteration, read top to bottom in `ppo`:
+
+1. rollout: B prompts from the training split, one sampled response each (KV cache);
+2. score: reward-model score at the last token (or the world's gold reward), minus a penalty
+   for responses that never ended; optional whitening/clipping of the scores;
+3. per-token rewards: -beta * KL(policy || reference) at every token, plus the score at the
+   last one; the critic's values; GAE advantages (whitened) and returns;
+4. update: several epochs of shuffled minibatches of the clipped surrogate and the clipped
+   value loss; the policy and critic sit in one AdamW (each with its own learning rate);
+5. log the diagnostics, warn about pathologies, evaluate on held-out prompts, checkpoint.
+
+Everything random in an iteration is seeded by (seed, iteration), so a killed run resumes
+exactly from its last checkpoint (policy, critic, optimizer, KL coefficient and position).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from lmforge.config import check, opt
+from lmforge.data.world_tasks import TaskConfig
+from lmforge.errors import UserError
+from lmforge.generation.generate import SamplingConfig
+from lmforge.models.decoder import Decoder
+from lmforge.models.reward import RewardModel
+from lmforge.objectives.rl import (
+    adaptive_beta,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    token_rewards,
+)
+from lmforge.training.align import (
+    eval_row,
+    iteration_rollout,
+    open_run,
+    policy_run_config,
+    start_rl,
+    warn,
+)
+from lmforge.training.checkpoint import load_state, save_model_dir, save_state
+from lmforge.training.diagnostics import DiagnosticsConfig
+from lmforge.training.loop import TrainConfig, due, step_bar
+from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.rollout import REWARDS, Rollout, response_logprobs
+from lmforge.training.rundir import final_row, run_dir
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    policy: str = opt("", "SFT checkpoint: the starting policy and the frozen reference")
+    reward_model: str = opt("", "reward-model folder (lmforge reward); needed for reward=model")
+    reward: Literal["model", "gold"] = opt(
+        "model", "model: the reward model's score; gold: the world's gold reward (for study)"
+    )
+    prompts: str = opt("world", "'world' (the tasks' rl split) or a .jsonl of prompts")
+    tasks: TaskConfig = opt(TaskConfig(), "the world's tasks (prompts and held-out eval)")
+    eval_prompts: int = opt(10, "held-out world prompts per task at each evaluation (0: none)")
+    sampling: SamplingConfig = opt(
+        SamplingConfig(temperature=1.0, max_new_tokens=32), "rollout sampling"
+    )
+    ppo_epochs: int = opt(4, "passes over each rollout batch")
+    minibatch_size: int = opt(16, "responses per gradient step")
+    clip: float = opt(0.2, "policy ratio clip (epsilon)")
+    value_clip: float = opt(0.2, "value-prediction clip around the rollout's values")
+    value_coef: float = opt(0.5, "weight of the value loss")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    kl_coef: float = opt(0.05, "beta: weight of the per-token KL penalty")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "per-token KL estimate in the reward")
+    adaptive_kl: bool = opt(False, "adapt beta toward target_kl (Ziegler et al., 2019)")
+    target_kl: float = opt(6.0, "adaptive KL: target KL per response (nats)")
+    kl_horizon: int = opt(10000, "adaptive KL: horizon in responses")
+    no_eos_penalty: float = opt(1.0, "subtracted from the score of responses that never end")
+    score_norm: Literal["none", "batch"] = opt("none", "whiten the scores of each rollout batch")
+    score_clip: float = opt(0.0, "clip scores to +-this after normalisation; 0 disables")
+    critic_init: Literal["policy", "reward"] = opt(
+        "policy", "critic trunk from the SFT policy, or from the reward model"
+    )
+    critic_lr: float = opt(3e-4, "peak learning rate of the critic")
+    optim: OptimConfig = opt(
+        OptimConfig(lr=3e-5, warmup_steps=0, weight_decay=0.0, schedule="constant"),
+        "optimizer and schedule (lr is the policy's)",
+    )
+    train: TrainConfig = opt(
+        TrainConfig(max_steps=60, batch_size=64, log_every=1, eval_every=20, ckpt_every=20),
+        "max_steps counts iterations; batch_size is responses per rollout",
+    )
+    diagnostics: DiagnosticsConfig = opt(DiagnosticsConfig(), "pathology warnings")
+
+    def __post_init__(self) -> None:
+        check(bool(self.policy), "policy", "give the SFT checkpoint (--policy DIR)")
+        check(
+            self.reward != "model" or bool(self.reward_model),
+            "reward_model",
+            "reward=model needs a reward model (--reward RM_DIR)",
+        )
+        check(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
+        check(self.minibatch_size >= 1, "minibatch_size", "must be >= 1")
+        check(
+            self.train.batch_size % self.minibatch_size == 0,
+            "minibatch_size",
+            f"must divide train.batch_size={self.train.batch_size}",
+        )
+        check(self.clip > 0, "clip", "must be > 0")
+        check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        check(self.target_kl > 0, "target_kl", "must be > 0")
+        check(self.sampling.temperature > 0, "sampling.temperature", "PPO samples: must be > 0")
+
+
+def ppo(
+    cfg: PPOConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Optimise the policy in `out` with PPO; return the final metrics row."""
+    s = start_rl(cfg, out, resume, overwrite)
+    policy, reference, tok, rm, data, device = s.policy, s.reference, s.tok, s.rm, s.data, s.device
+    critic = _critic(cfg, policy, rm, device)
+    optimizer = build_optimizer(policy, cfg.optim, also=[(critic, cfg.critic_lr)])
+    both = torch.nn.ModuleDict({"policy": policy, "critic": critic})
+    run_config = policy_run_config("ppo", "ppo", cfg, s)
+    B, T = cfg.train.batch_size, cfg.train.max_steps
+
+    with run_dir(out, fresh=s.state is None, overwrite=overwrite):
+        start, beta = 0, cfg.kl_coef
+        if s.state is not None:
+            saved = load_state(s.state, both, optimizer)
+            start, beta = saved["step"], saved["kl_coef"]
+        metrics, history = open_run(out, s, run_config, start)
+        if progress:
+            tqdm.write(
+                f"ppo: {len(data.train)} prompts, {B} responses per iteration, reward="
+                f"{cfg.reward} ({data.dropped} world prompts too long for the context left out) | "
+                f"{device} | "
+                + (f"resuming at iteration {start}" if start else f"from {cfg.policy}")
+            )
+        if s.state is None and data.eval:
+            ev0 = eval_row(policy, reference, rm, tok, data, cfg.sampling, False, 0)
+            metrics.log({"step": 0, **ev0})
+        if start >= T:
+            metrics.close()
+            tqdm.write(f"{out}: already complete at iteration {start} (raise train.max_steps)")
+            return final_row(out)
+
+        bar = step_bar("ppo", T, start, progress)
+        warned: set[str] = set()
+        last: dict[str, Any] = {}
+        for it in range(start, T):
+            set_lr(optimizer, lr_at(it, T, cfg.optim), cfg.optim.lr)
+            t0 = time.perf_counter()
+            ro = iteration_rollout(
+                policy, tok, data, cfg.sampling, seed=cfg.train.seed, iteration=it, prompts=B
+            )
+            t_gen = time.perf_counter() - t0
+
+            # Score, per-token rewards and advantages: no gradients.
+            with torch.no_grad():
+                ro = _to(ro, device)
+                raw = REWARDS[cfg.reward](ro, rm).to(device)
+                score = raw - cfg.no_eos_penalty * (~ro.stopped).float()
+                if cfg.score_norm == "batch":
+                    score = (score - score.mean()) / (score.std() + 1e-8)
+                if cfg.score_clip:
+                    score = score.clamp(-cfg.score_clip, cfg.score_clip)
+                old_logp, _ = response_logprobs(policy, ro, cfg.sampling.temperature)
+                ref_logp, _ = response_logprobs(reference, ro, cfg.sampling.temperature)
+                old_values = ro.gather(critic.values(ro.ids)) * ro.mask
+                kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * ro.mask
+                rewards = token_rewards(score, kl, beta, ro.mask)
+                adv, returns = gae(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
+                adv = masked_whiten(adv, ro.mask)
+
+            stats = _update(
+                cfg, policy, critic, optimizer, ro, old_logp, old_values, adv, returns, it
+            )
+            done = it + 1
+            bar.update(1)
+            # k1 summed over each response: an unbiased estimate of the sequences' KL
+            seq_kl = float((old_logp - ref_logp).sum(1).mean())
+            row: dict[str, Any] = {
+                "step": done,
+                "score": float(raw.mean()),
+                "kl": seq_kl,
+                "kl_coef": beta,
+                "response_len": float(ro.mask.sum(1).mean()),
+                "stop_rate": float(ro.stopped.float().mean()),
+                "explained_var": explained_variance(old_values, returns, ro.mask),
+                **stats,
+                "gen_s": t_gen,
+                "iter_s": time.perf_counter() - t0,
+            }
+            if all(p.task is not None for p in ro.prompts):
+                row["gold"] = float(REWARDS["gold"](ro, None).mean())
+            if cfg.adaptive_kl:
+                beta = adaptive_beta(beta, seq_kl, cfg.target_kl, cfg.kl_horizon, B)
+            warn(history, row, cfg.diagnostics, warned)
+            bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{seq_kl:.2f}")
+            if due(done, cfg.train.eval_every, T) and data.eval:
+                row.update(eval_row(policy, reference, rm, tok, data, cfg.sampling, progress, done))
+            if due(done, cfg.train.log_every, T):
+                metrics.log(row)
+                last.update(row)
+            if due(done, cfg.train.ckpt_every, T):
+                meta = {
+                    "stage": "ppo",
+                    "autocast": str(s.dtype).removeprefix("torch."),
+                    "kl_coef": beta,
+                }
+                save_state(out, done, both, optimizer, meta, keep=cfg.train.keep_checkpoints)
+                save_model_dir(out, policy, {**run_config, "step": done})
+        bar.close()
+        metrics.close()
+    return last
+
+
+def _critic(
+    cfg: PPOConfig, policy: Decoder, rm: RewardModel | None, device: torch.device
+) -> RewardModel:
+    if cfg.critic_init == "reward":
+        if rm is None:
+            raise UserError("critic_init=reward needs a reward model; use critic_init=policy")
+        if not rm.causal:
+            raise UserError(
+                "critic_init=reward: the reward model has an encoder trunk; a critic "
+                "must be causal (use critic_init=policy)"
+            )
+        critic = copy.deepcopy(rm)
+    else:
+        critic = RewardModel(copy.deepcopy(policy))
+    return critic.to(device).train()
+
+
+def _to(ro: Rollout, device: torch.device) -> Rollout:
+    if device.type == "cpu":
+        return ro
+    return Rollout(
+        ro.ids.to(device),
+        ro.start.to(device),
+        ro.response.to(device),
+        ro.mask.to(device),
+        ro.stopped.to(device),
+        ro.texts,
+        ro.prompts,
+    )
+
+
+def _update(
+    cfg: PPOConfig,
+    policy: Decoder,
+    critic: RewardModel,
+    optimizer: torch.optim.Optimizer,
+    ro: Rollout,
+    old_logp: torch.Tensor,
+    old_values: torch.Tensor,
+    adv: torch.Tensor,
+    returns: torch.Tensor,
+    it: int,
+) -> dict[str, float]:
+    """ppo_epochs passes of shuffled minibatches; the mean of each statistic over them."""
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it)
+    sums: dict[str, float] = {}
+    n = 0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(len(ro), generator=gen)
+        for i in range(0, len(ro), cfg.minibatch_size):
+            rows = perm[i : i + cfg.minibatch_size].to(ro.ids.device)
+            mb = ro.select(rows)
+            logp, ent = response_logprobs(policy, mb, cfg.sampling.temperature, with_entropy=True)
+            pg_loss, pg_stats = clipped_policy_loss(
+                logp, old_logp[rows], adv[rows], mb.mask, cfg.clip
+            )
+            values = mb.gather(critic.values(mb.ids))
+            v_loss, v_clipfrac = clipped_value_loss(
+                values, old_values[rows], returns[rows], mb.mask, cfg.value_clip
+            )
+            (pg_loss + cfg.value_coef * v_loss).backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step = {
+                "policy_loss": pg_loss.item(),
+                "value_loss": v_loss.item(),
+                "entropy": float(masked_mean(ent.detach(), mb.mask)) if ent is not None else 0.0,
+                "clipfrac": float(pg_stats["clipfrac"]),
+                "approx_kl": float(pg_stats["approx_kl"]),
+                "value_clipfrac": float(v_clipfrac),
+            }
+            for k, v in step.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    return {k: v / n for k, v in sums.items()}

@@ -1,0 +1,232 @@
+"""Rollouts: what PPO, GRPO, best-of-n and the aligned-model eval share.
+
+A rollout is a batch of prompts with one sampled response each (KV-cache generation), laid out
+for the RL maths: every row is prompt + response, right-padded, so the forward passes use the
+plain causal path; the response positions of each row are gathered into (B, R) tensors
+(`Rollout.gather`). A response that stopped keeps its `<|end_of_turn|>` as its last token, so
+the policy is credited (or blamed) for ending.
+
+Rewards for a response come from a table (`REWARDS`): the reward model's score, or, on world
+prompts, the gold reward (0-1) or the task checker alone (1 correct, 0 not: a verifiable reward).
+
+Shape legend: B rows, T prompt + response, R response positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.data.world_tasks import TaskExample, is_correct
+from lmforge.errors import UserError
+from lmforge.feedback.sampling import Prompt
+from lmforge.feedback.simulated import gold_score
+from lmforge.generation.generate import SamplingConfig, generate
+from lmforge.models.decoder import Decoder
+from lmforge.models.reward import RewardModel
+from lmforge.objectives.lm import token_logprobs
+from lmforge.objectives.rl import entropy
+from lmforge.tokenizers import Tokenizer
+from lmforge.tokenizers.chat import end_of_turn_id, render_chat
+
+
+@dataclass(frozen=True)
+class Rollout:
+    ids: torch.Tensor  # (B, T) prompt + response, right-padded
+    start: torch.Tensor  # (B,) position of each row's first response token
+    response: torch.Tensor  # (B, R) response ids (pad past the end)
+    mask: torch.Tensor  # (B, R) float, 1 on response tokens
+    stopped: torch.Tensor  # (B,) bool: ended with <|end_of_turn|>
+    texts: list[str]  # decoded responses (without <|end_of_turn|>)
+    prompts: list[Prompt]  # the prompt of each row
+
+    def __len__(self) -> int:
+        return self.ids.size(0)
+
+    def gather(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Values at the positions that predict each response token: (B, T, ...) -> (B, R, ...).
+
+        The output at position p predicts token p + 1, so response token j of a row is read at
+        start - 1 + j (clamped inside the row for padding, which `mask` hides)."""
+        R, T = self.response.size(1), per_position.size(1)
+        pos = (self.start[:, None] - 1 + torch.arange(R, device=self.start.device)).clamp_max(T - 1)
+        if per_position.dim() == 3:
+            pos = pos[..., None].expand(-1, -1, per_position.size(-1))
+        return per_position.gather(1, pos)
+
+    def last_index(self) -> torch.Tensor:
+        """Flat indices into B * T of each row's last response token (what a reward model reads)."""
+        B, T = self.ids.shape
+        length = self.mask.sum(dim=1).long()
+        return torch.arange(B, device=self.ids.device) * T + self.start + length - 1
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        keep = rows.tolist()
+        return Rollout(
+            self.ids[rows],
+            self.start[rows],
+            self.response[rows],
+            self.mask[rows],
+            self.stopped[rows],
+            [self.texts[i] for i in keep],
+            [self.prompts[i] for i in keep],
+        )
+
+
+def prompt_ids(tok: Tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    return [render_chat(tok, p.messages, add_generation_prompt=True)[0] for p in prompts]
+
+
+def check_prompt_room(
+    tok: Tokenizer, prompts: Sequence[Prompt], context: int, max_new_tokens: int
+) -> None:
+    room = context - max_new_tokens
+    for p, ids in zip(prompts, prompt_ids(tok, prompts), strict=True):
+        if len(ids) > room:
+            raise UserError(
+                f"prompt {p.id} is {len(ids)} tokens; the model's context of {context} leaves "
+                f"room for {room} with max_new_tokens={max_new_tokens}"
+            )
+
+
+def rollout(
+    policy: Decoder,
+    tok: Tokenizer,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    batch_size: int = 64,
+) -> Rollout:
+    """One sampled response per prompt (repeat a prompt in `prompts` for several)."""
+    eot = end_of_turn_id(tok)
+    ids = prompt_ids(tok, prompts)
+    responses: list[list[int]] = []
+    for b, i in enumerate(range(0, len(ids), batch_size)):
+        cfg = SamplingConfig(**{**sampling.__dict__, "seed": sampling.seed + b})
+        responses += generate(policy, ids[i : i + batch_size], cfg, eos_id=eot, pad_id=tok.pad_id)
+    stopped = [len(r) < sampling.max_new_tokens for r in responses]  # eot took a slot
+    texts = [tok.decode(r) for r in responses]
+    full = [r + [eot] if s else r for r, s in zip(responses, stopped, strict=True)]
+    return build_rollout(ids, full, stopped, texts, list(prompts), tok.pad_id)
+
+
+def build_rollout(
+    prompt_ids: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    stopped: Sequence[bool],
+    texts: list[str],
+    prompts: list[Prompt],
+    pad_id: int,
+) -> Rollout:
+    B = len(prompt_ids)
+    R = max(1, max(len(r) for r in responses))
+    T = max(len(p) + len(r) for p, r in zip(prompt_ids, responses, strict=True))
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    response = torch.full((B, R), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, R))
+    for b, (p, r) in enumerate(zip(prompt_ids, responses, strict=True)):
+        ids[b, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
+        response[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, : len(r)] = 1
+    start = torch.tensor([len(p) for p in prompt_ids])
+    return Rollout(ids, start, response, mask, torch.tensor(stopped), texts, prompts)
+
+
+def response_logprobs(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    ro: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(response token) (B, R) under `model` at the sampling temperature, and the entropy
+    at each position."""
+    logits = ro.gather(model(ro.ids))  # (B, R, V)
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    logp = token_logprobs(logits, ro.response) * ro.mask
+    return logp, (entropy(logits) * ro.mask if with_entropy else None)
+
+
+# -------------------------------------------------------------------------------------------
+# Rewards
+
+
+def _example(p: Prompt) -> TaskExample:
+    if p.task is None or p.answer is None:
+        raise UserError(
+            f"prompt {p.id}: the gold and checker rewards need world prompts (with a task and "
+            "answer); use reward=model with a reward model"
+        )
+    return TaskExample(p.task, p.messages[-1].content, p.answer)
+
+
+def gold_rewards(ro: Rollout) -> torch.Tensor:
+    """The world's gold reward (0-1) of each response."""
+    return torch.tensor(
+        [
+            gold_score(_example(p), t, bool(s))
+            for p, t, s in zip(ro.prompts, ro.texts, ro.stopped, strict=True)
+        ]
+    )
+
+
+def checker_rewards(ro: Rollout) -> torch.Tensor:
+    """1 where the task's checker accepts the answer, else 0 (a verifiable reward)."""
+    return torch.tensor(
+        [float(is_correct(_example(p), t)) for p, t in zip(ro.prompts, ro.texts, strict=True)]
+    )
+
+
+@torch.no_grad()
+def model_rewards(rm: RewardModel, ro: Rollout, batch_size: int = 64) -> torch.Tensor:
+    """The reward model's score of each response, read at its last token."""
+    out = []
+    for i in range(0, len(ro), batch_size):
+        part = ro.select(torch.arange(i, min(i + batch_size, len(ro))))
+        out.append(rm(part.ids, part.last_index()))
+    return torch.cat(out)
+
+
+REWARDS: dict[str, Callable[[Rollout, RewardModel | None], torch.Tensor]] = {
+    "model": lambda ro, rm: model_rewards(rm, ro) if rm is not None else _need_rm(),
+    "gold": lambda ro, rm: gold_rewards(ro),
+    "checker": lambda ro, rm: checker_rewards(ro),
+}
+
+
+def _need_rm() -> torch.Tensor:
+    raise UserError("reward=model needs a reward model (--reward RM_DIR)")
+
+
+@torch.no_grad()
+def sample_metrics(
+    policy: Decoder,
+    tok: Tokenizer,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    *,
+    reference: Decoder | None = None,
+    rm: RewardModel | None = None,
+) -> tuple[dict[str, float], Rollout]:
+    """How a policy's samples score: gold reward and exact match (world prompts), reward-model
+    score, KL to the reference (summed over the response, k1 on the policy's own samples, an
+    unbiased estimate), length and stop rate."""
+    was = policy.training
+    policy.eval()
+    ro = rollout(policy, tok, prompts, sampling)
+    row = {
+        "sample_len": float(ro.mask.sum(1).mean()),
+        "sample_stop_rate": float(ro.stopped.float().mean()),
+    }
+    if all(p.task is not None for p in ro.prompts):
+        row["gold"] = float(gold_rewards(ro).mean())
+        row["sample_em"] = float(checker_rewards(ro).mean())
+    if rm is not None:
+        row["rm_score"] = float(model_rewards(rm, ro).mean())
+    if reference is not None:
+        logp, _ = response_logprobs(policy, ro, temperature=sampling.temperature)
+        ref, _ = response_logprobs(reference, ro, temperature=sampling.temperature)
+        row["kl"] = float((logp - ref).sum(1).mean())
+    policy.train(was)
+    return row, ro
