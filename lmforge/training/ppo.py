@@ -56,7 +56,7 @@ from lmforge.training.align import (
 )
 from lmforge.training.checkpoint import load_state, save_model_dir, save_state
 from lmforge.training.diagnostics import DiagnosticsConfig
-from lmforge.training.loop import TrainConfig, due, step_bar
+from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rollout import REWARDS, Rollout, response_logprobs
 from lmforge.training.rundir import final_row, run_dir
@@ -295,7 +295,9 @@ def _update(
             v_loss, v_clipfrac = clipped_value_loss(
                 values, old_values[rows], returns[rows], mb.mask, cfg.value_clip
             )
-            (pg_loss + cfg.value_coef * v_loss).backward()
+            loss = pg_loss + cfg.value_coef * v_loss
+            check_finite(loss.detach(), it + 1, "loss")  # before any update reaches the weights
+            loss.backward()
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.grad_clip)
