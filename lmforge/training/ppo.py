@@ -192,7 +192,7 @@ def ppo(
                 adv, returns = gae(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
                 adv = masked_whiten(adv, ro.mask)
 
-            stats = _update(
+            stats = ppo_update(
                 cfg, policy, critic, optimizer, ro, old_logp, old_values, adv, returns, it
             )
             done = it + 1
@@ -266,7 +266,7 @@ def _to(ro: Rollout, device: torch.device) -> Rollout:
     )
 
 
-def _update(
+def ppo_update(
     cfg: PPOConfig,
     policy: Decoder,
     critic: RewardModel,

@@ -134,14 +134,12 @@ def build_rollout(
 
 
 def response_logprobs(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    ro: Rollout,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
+    model: Decoder, ro: Rollout, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(response token) (B, R) under `model` at the sampling temperature, and the entropy
-    at each position."""
-    logits = ro.gather(model(ro.ids))  # (B, R, V)
+    at each position. The LM head runs only where a response token is predicted (prompt
+    positions would be most of its work)."""
+    logits = model.lm_head(ro.gather(model.hidden_states(ro.ids)))  # (B, R, V)
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
     logp = token_logprobs(logits, ro.response) * ro.mask
