@@ -36,7 +36,7 @@ import _common as common
 import torch
 
 from lmforge.data.world_tasks import TaskConfig, make_splits
-from lmforge.feedback.sampling import task_prompts
+from lmforge.feedback.sampling import prompt_ids, task_prompts
 from lmforge.generation.generate import SamplingConfig, generate
 from lmforge.models.decoder import Decoder
 from lmforge.models.reward import RewardModel
@@ -44,7 +44,7 @@ from lmforge.models.transformer import TransformerConfig
 from lmforge.objectives.rl import gae, kl_penalty, masked_whiten, token_rewards
 from lmforge.training.optim import OptimConfig, build_optimizer
 from lmforge.training.ppo import PPOConfig, ppo_update
-from lmforge.training.rollout import build_rollout, prompt_ids, response_logprobs
+from lmforge.training.rollout import build_rollout, response_logprobs
 
 TARGET = 3.0
 B, MB, EPOCHS, LR = 64, 16, 4, 3e-5

@@ -95,6 +95,34 @@ def file_prompts(path: Path, limit: int = 0) -> list[Prompt]:
     return out[:limit] if limit else out
 
 
+def prompt_ids(tok: Tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Each prompt rendered with the chat template, ending with `<|assistant|>`."""
+    return [render_chat(tok, p.messages, add_generation_prompt=True)[0] for p in prompts]
+
+
+def check_room(
+    prompts: Sequence[Prompt],
+    ids: Sequence[Sequence[int]],
+    context: int,
+    room: int,
+    max_new_tokens: int,
+    prefix: str = "",
+) -> None:
+    """Refuse, naming the first, a prompt longer than the `room` its answer leaves it."""
+    for p, x in zip(prompts, ids, strict=True):
+        if len(x) > room:
+            raise UserError(
+                f"{prefix}prompt {p.id} is {len(x)} tokens; the model's context of {context} "
+                f"leaves room for {room} with max_new_tokens={max_new_tokens}"
+            )
+
+
+def fitting(tok: Tokenizer, prompts: Sequence[Prompt], room: int) -> list[Prompt]:
+    """The prompts whose rendering fits in `room` tokens (for world prompts, where a small
+    model's context may not hold the long stories: those are left out, not refused)."""
+    return [p for p, x in zip(prompts, prompt_ids(tok, prompts), strict=True) if len(x) <= room]
+
+
 def sample_responses(
     model: Model,
     tok: Tokenizer,
@@ -109,14 +137,8 @@ def sample_responses(
     seq2seq = isinstance(model, EncoderDecoder)
     room = model.cfg.max_seq_len - (0 if seq2seq else cfg.sampling.max_new_tokens)
     eot = end_of_turn_id(tok)
-    ids = [render_chat(tok, p.messages, add_generation_prompt=True)[0] for p in prompts]
-    for p, x in zip(prompts, ids, strict=True):
-        if len(x) > room:
-            raise UserError(
-                f"sample: prompt {p.id} is {len(x)} tokens; the model's context of "
-                f"{model.cfg.max_seq_len} leaves room for {room} with "
-                f"max_new_tokens={cfg.sampling.max_new_tokens}"
-            )
+    ids = prompt_ids(tok, prompts)
+    check_room(prompts, ids, model.cfg.max_seq_len, room, cfg.sampling.max_new_tokens, "sample: ")
     rows = [(i, x) for i, x in enumerate(ids) for _ in range(cfg.n)]
     texts: list[list[str]] = [[] for _ in prompts]
     stopped: list[list[bool]] = [[] for _ in prompts]

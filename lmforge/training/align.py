@@ -10,6 +10,7 @@ Held-out evaluation of a policy (`eval_policy`), on the world's validation promp
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ from lmforge.config import to_dict
 from lmforge.data.world_tasks import TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError
 from lmforge.evaluation.tasks import EvalConfig, evaluate_tasks, limit_per_task
-from lmforge.feedback.sampling import Prompt, file_prompts, task_prompts
+from lmforge.feedback.sampling import (
+    Prompt,
+    check_room,
+    file_prompts,
+    fitting,
+    prompt_ids,
+    task_prompts,
+)
 from lmforge.generation.generate import SamplingConfig
 from lmforge.io import atomic_write_json
 from lmforge.models.decoder import Decoder
@@ -35,8 +43,6 @@ from lmforge.training.loop import epoch_order, setup_device
 from lmforge.training.metrics import MetricsWriter, read_metrics
 from lmforge.training.rollout import (
     Rollout,
-    check_prompt_room,
-    prompt_ids,
     rollout,
     sample_metrics,
 )
@@ -77,9 +83,8 @@ def load_align_data(
         if not path.is_file():
             raise UserError(f"prompts: {source}: no such file (or give 'world')")
         train = file_prompts(path)
-        check_prompt_room(tok, train, context, sampling.max_new_tokens)
-    fits = [p for p in train if source != "world" or len(prompt_ids(tok, [p])[0]) <= room]
-    held_fits = [p for p in held if len(prompt_ids(tok, [p])[0]) <= room]
+        check_room(train, prompt_ids(tok, train), context, room, sampling.max_new_tokens)
+    fits, held_fits = fitting(tok, train, room), fitting(tok, held, room)
     if rollouts and not fits:
         raise UserError(f"prompts: none fits the model's context of {context} tokens")
     return AlignData(fits, held_fits, len(train) - len(fits) + len(held) - len(held_fits))
@@ -214,6 +219,23 @@ def iteration_rollout(
     chosen = [data.train[i] for i in order for _ in range(group)]
     seeded = SamplingConfig(**{**to_dict(sampling), "seed": sampling.seed + 1000 * iteration})
     return rollout(policy, tok, chosen, seeded, batch_size=len(chosen))
+
+
+def minibatches(
+    n: int, size: int, epochs: int, seed: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Row indices for `epochs` passes over n rollout rows in shuffled minibatches of `size`;
+    the shuffles are seeded, so a resumed iteration updates exactly as the first try did."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen).to(device)
+        for i in range(0, n, size):
+            yield perm[i : i + size]
+
+
+def mean_stats(steps: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The mean of each statistic over the minibatch steps of an iteration."""
+    return {k: sum(step[k] for step in steps) / len(steps) for k in steps[0]}
 
 
 def warn(

@@ -20,12 +20,11 @@ import torch
 from lmforge.config import check, opt, to_dict
 from lmforge.data.world_tasks import TaskConfig, make_splits
 from lmforge.evaluation.tasks import limit_per_task
-from lmforge.feedback.sampling import task_prompts
+from lmforge.feedback.sampling import check_room, prompt_ids, task_prompts
 from lmforge.generation.generate import SamplingConfig
 from lmforge.io import atomic_dir
 from lmforge.training.align import load_policy_pair, load_reward
 from lmforge.training.rollout import (
-    check_prompt_room,
     checker_rewards,
     gold_rewards,
     model_rewards,
@@ -57,7 +56,8 @@ def best_of_n(cfg: BestOfNConfig, out: Path, *, overwrite: bool = False) -> dict
     policy, _, tok, _ = load_policy_pair(Path(cfg.policy), out, device)
     rm = load_reward(cfg.reward_model, tok, device)
     held_out = task_prompts(limit_per_task(make_splits(cfg.tasks)[cfg.split], cfg.limit), cfg.split)
-    check_prompt_room(tok, held_out, policy.cfg.max_seq_len, cfg.sampling.max_new_tokens)
+    context, new = policy.cfg.max_seq_len, cfg.sampling.max_new_tokens
+    check_room(held_out, prompt_ids(tok, held_out), context, context - new, new)
     prompts = [p for p in held_out for _ in range(cfg.n)]
     ro = rollout(policy.eval(), tok, prompts, cfg.sampling)
     score = model_rewards(rm, ro).view(-1, cfg.n)

@@ -19,13 +19,13 @@ from lmforge.config import build, to_dict
 from lmforge.data.world_tasks import TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError
 from lmforge.evaluation.tasks import EvalConfig, evaluate_tasks, limit_per_task
-from lmforge.feedback.sampling import task_prompts
+from lmforge.feedback.sampling import fitting, task_prompts
 from lmforge.generation.generate import SamplingConfig
 from lmforge.io import atomic_dir
 from lmforge.models.decoder import Decoder
 from lmforge.training.align import load_reward
 from lmforge.training.checkpoint import load_model
-from lmforge.training.rollout import prompt_ids, sample_metrics
+from lmforge.training.rollout import sample_metrics
 
 EVAL_FILES = ("metrics.jsonl", "answers.jsonl")
 
@@ -79,9 +79,7 @@ def evaluate(
         # Prompts too long to leave room for an answer (long stories, small models) are left
         # out of the sampled part; the greedy part above cuts them from the left instead.
         room = model.cfg.max_seq_len - cfg.max_new_tokens
-        fits = [
-            p for p in task_prompts(examples, cfg.split) if len(prompt_ids(tok, [p])[0]) <= room
-        ]
+        fits = fitting(tok, task_prompts(examples, cfg.split), room)
         if fits:
             prompts = [p for p in fits for _ in range(cfg.samples)]
             sampled, _ = sample_metrics(model, tok, prompts, sampling, reference=ref, rm=rm)

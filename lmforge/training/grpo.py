@@ -26,6 +26,8 @@ from lmforge.objectives.rl import clipped_policy_loss, kl_penalty, masked_mean
 from lmforge.training.align import (
     eval_row,
     iteration_rollout,
+    mean_stats,
+    minibatches,
     open_run,
     policy_run_config,
     start_rl,
@@ -189,35 +191,28 @@ def _update(
     adv: torch.Tensor,
     it: int,
 ) -> dict[str, float]:
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it)
-    sums: dict[str, float] = {}
-    n = 0
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(ro), generator=gen)
-        for i in range(0, len(ro), cfg.minibatch_size):
-            rows = perm[i : i + cfg.minibatch_size]
-            mb = ro.select(rows)
-            logp, ent = response_logprobs(policy, mb, cfg.sampling.temperature, with_entropy=True)
-            token_adv = adv[rows, None].expand_as(logp)
-            pg_loss, pg_stats = clipped_policy_loss(
-                logp, old_logp[rows], token_adv, mb.mask, cfg.clip
-            )
-            kl = masked_mean(kl_penalty(logp, ref_logp[rows], "k3"), mb.mask)
-            loss = pg_loss + cfg.kl_coef * kl
-            check_finite(loss.detach(), it + 1, "loss")
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step = {
+    steps = []
+    seed = cfg.train.seed * 1_000_003 + it
+    for rows in minibatches(len(ro), cfg.minibatch_size, cfg.epochs, seed, ro.ids.device):
+        mb = ro.select(rows)
+        logp, ent = response_logprobs(policy, mb, cfg.sampling.temperature, with_entropy=True)
+        token_adv = adv[rows, None].expand_as(logp)
+        pg_loss, pg_stats = clipped_policy_loss(logp, old_logp[rows], token_adv, mb.mask, cfg.clip)
+        kl = masked_mean(kl_penalty(logp, ref_logp[rows], "k3"), mb.mask)
+        loss = pg_loss + cfg.kl_coef * kl
+        check_finite(loss.detach(), it + 1, "loss")
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps.append(
+            {
                 "policy_loss": pg_loss.item(),
                 "kl_term": kl.item(),
                 "entropy": float(masked_mean(ent.detach(), mb.mask)) if ent is not None else 0.0,
                 "clipfrac": float(pg_stats["clipfrac"]),
                 "approx_kl": float(pg_stats["approx_kl"]),
             }
-            for k, v in step.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-    return {k: v / n for k, v in sums.items()}
+        )
+    return mean_stats(steps)

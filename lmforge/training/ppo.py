@@ -49,6 +49,8 @@ from lmforge.objectives.rl import (
 from lmforge.training.align import (
     eval_row,
     iteration_rollout,
+    mean_stats,
+    minibatches,
     open_run,
     policy_run_config,
     start_rl,
@@ -177,8 +179,7 @@ def ppo(
 
             # Score, per-token rewards and advantages: no gradients.
             with torch.no_grad():
-                ro = _to(ro, device)
-                raw = REWARDS[cfg.reward](ro, rm).to(device)
+                raw = REWARDS[cfg.reward](ro, rm)
                 score = raw - cfg.no_eos_penalty * (~ro.stopped).float()
                 if cfg.score_norm == "batch":
                     score = (score - score.mean()) / (score.std() + 1e-8)
@@ -212,7 +213,8 @@ def ppo(
                 "iter_s": time.perf_counter() - t0,
             }
             if all(p.task is not None for p in ro.prompts):
-                row["gold"] = float(REWARDS["gold"](ro, None).mean())
+                gold = raw if cfg.reward == "gold" else REWARDS["gold"](ro, None)
+                row["gold"] = float(gold.mean())
             if cfg.adaptive_kl:
                 beta = adaptive_beta(beta, seq_kl, cfg.target_kl, cfg.kl_horizon, B)
             warn(history, row, cfg.diagnostics, warned)
@@ -252,20 +254,6 @@ def _critic(
     return critic.to(device).train()
 
 
-def _to(ro: Rollout, device: torch.device) -> Rollout:
-    if device.type == "cpu":
-        return ro
-    return Rollout(
-        ro.ids.to(device),
-        ro.start.to(device),
-        ro.response.to(device),
-        ro.mask.to(device),
-        ro.stopped.to(device),
-        ro.texts,
-        ro.prompts,
-    )
-
-
 def ppo_update(
     cfg: PPOConfig,
     policy: Decoder,
@@ -279,31 +267,26 @@ def ppo_update(
     it: int,
 ) -> dict[str, float]:
     """ppo_epochs passes of shuffled minibatches; the mean of each statistic over them."""
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it)
-    sums: dict[str, float] = {}
-    n = 0
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(len(ro), generator=gen)
-        for i in range(0, len(ro), cfg.minibatch_size):
-            rows = perm[i : i + cfg.minibatch_size].to(ro.ids.device)
-            mb = ro.select(rows)
-            logp, ent = response_logprobs(policy, mb, cfg.sampling.temperature, with_entropy=True)
-            pg_loss, pg_stats = clipped_policy_loss(
-                logp, old_logp[rows], adv[rows], mb.mask, cfg.clip
-            )
-            values = mb.gather(critic.values(mb.ids))
-            v_loss, v_clipfrac = clipped_value_loss(
-                values, old_values[rows], returns[rows], mb.mask, cfg.value_clip
-            )
-            loss = pg_loss + cfg.value_coef * v_loss
-            check_finite(loss.detach(), it + 1, "loss")  # before any update reaches the weights
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step = {
+    steps = []
+    seed = cfg.train.seed * 1_000_003 + it
+    for rows in minibatches(len(ro), cfg.minibatch_size, cfg.ppo_epochs, seed, ro.ids.device):
+        mb = ro.select(rows)
+        logp, ent = response_logprobs(policy, mb, cfg.sampling.temperature, with_entropy=True)
+        pg_loss, pg_stats = clipped_policy_loss(logp, old_logp[rows], adv[rows], mb.mask, cfg.clip)
+        values = mb.gather(critic.values(mb.ids))
+        v_loss, v_clipfrac = clipped_value_loss(
+            values, old_values[rows], returns[rows], mb.mask, cfg.value_clip
+        )
+        loss = pg_loss + cfg.value_coef * v_loss
+        check_finite(loss.detach(), it + 1, "loss")  # before any update reaches the weights
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps.append(
+            {
                 "policy_loss": pg_loss.item(),
                 "value_loss": v_loss.item(),
                 "entropy": float(masked_mean(ent.detach(), mb.mask)) if ent is not None else 0.0,
@@ -311,7 +294,5 @@ def ppo_update(
                 "approx_kl": float(pg_stats["approx_kl"]),
                 "value_clipfrac": float(v_clipfrac),
             }
-            for k, v in step.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-    return {k: v / n for k, v in sums.items()}
+        )
+    return mean_stats(steps)

@@ -14,6 +14,7 @@ Shape legend: B rows, T prompt + response, R response positions, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch
 
 from lmforge.data.world_tasks import TaskExample, is_correct
 from lmforge.errors import UserError
-from lmforge.feedback.sampling import Prompt
+from lmforge.feedback.sampling import Prompt, prompt_ids
 from lmforge.feedback.simulated import gold_score
 from lmforge.generation.generate import SamplingConfig, generate
 from lmforge.models.decoder import Decoder
@@ -29,7 +30,7 @@ from lmforge.models.reward import RewardModel
 from lmforge.objectives.lm import token_logprobs
 from lmforge.objectives.rl import entropy
 from lmforge.tokenizers import Tokenizer
-from lmforge.tokenizers.chat import end_of_turn_id, render_chat
+from lmforge.tokenizers.chat import end_of_turn_id
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,16 @@ class Rollout:
         length = self.mask.sum(dim=1).long()
         return torch.arange(B, device=self.ids.device) * T + self.start + length - 1
 
+    def to(self, device: torch.device) -> Rollout:
+        return dataclasses.replace(
+            self,
+            ids=self.ids.to(device),
+            start=self.start.to(device),
+            response=self.response.to(device),
+            mask=self.mask.to(device),
+            stopped=self.stopped.to(device),
+        )
+
     def select(self, rows: torch.Tensor) -> Rollout:
         keep = rows.tolist()
         return Rollout(
@@ -75,22 +86,6 @@ class Rollout:
         )
 
 
-def prompt_ids(tok: Tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
-    return [render_chat(tok, p.messages, add_generation_prompt=True)[0] for p in prompts]
-
-
-def check_prompt_room(
-    tok: Tokenizer, prompts: Sequence[Prompt], context: int, max_new_tokens: int
-) -> None:
-    room = context - max_new_tokens
-    for p, ids in zip(prompts, prompt_ids(tok, prompts), strict=True):
-        if len(ids) > room:
-            raise UserError(
-                f"prompt {p.id} is {len(ids)} tokens; the model's context of {context} leaves "
-                f"room for {room} with max_new_tokens={max_new_tokens}"
-            )
-
-
 def rollout(
     policy: Decoder,
     tok: Tokenizer,
@@ -98,7 +93,8 @@ def rollout(
     sampling: SamplingConfig,
     batch_size: int = 64,
 ) -> Rollout:
-    """One sampled response per prompt (repeat a prompt in `prompts` for several)."""
+    """One sampled response per prompt (repeat a prompt in `prompts` for several), on the
+    policy's device."""
     eot = end_of_turn_id(tok)
     ids = prompt_ids(tok, prompts)
     responses: list[list[int]] = []
@@ -108,28 +104,29 @@ def rollout(
     stopped = [len(r) < sampling.max_new_tokens for r in responses]  # eot took a slot
     texts = [tok.decode(r) for r in responses]
     full = [r + [eot] if s else r for r, s in zip(responses, stopped, strict=True)]
-    return build_rollout(ids, full, stopped, texts, list(prompts), tok.pad_id)
+    ro = build_rollout(ids, full, stopped, texts, list(prompts), tok.pad_id)
+    return ro.to(policy.tok_emb.weight.device)
 
 
 def build_rollout(
-    prompt_ids: Sequence[Sequence[int]],
+    prompt_tokens: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     stopped: Sequence[bool],
     texts: list[str],
     prompts: list[Prompt],
     pad_id: int,
 ) -> Rollout:
-    B = len(prompt_ids)
+    B = len(prompt_tokens)
     R = max(1, max(len(r) for r in responses))
-    T = max(len(p) + len(r) for p, r in zip(prompt_ids, responses, strict=True))
+    T = max(len(p) + len(r) for p, r in zip(prompt_tokens, responses, strict=True))
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     response = torch.full((B, R), pad_id, dtype=torch.long)
     mask = torch.zeros((B, R))
-    for b, (p, r) in enumerate(zip(prompt_ids, responses, strict=True)):
+    for b, (p, r) in enumerate(zip(prompt_tokens, responses, strict=True)):
         ids[b, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
         response[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[b, : len(r)] = 1
-    start = torch.tensor([len(p) for p in prompt_ids])
+    start = torch.tensor([len(p) for p in prompt_tokens])
     return Rollout(ids, start, response, mask, torch.tensor(stopped), texts, prompts)
 
 
@@ -164,15 +161,17 @@ def gold_rewards(ro: Rollout) -> torch.Tensor:
     return torch.tensor(
         [
             gold_score(_example(p), t, bool(s))
-            for p, t, s in zip(ro.prompts, ro.texts, ro.stopped, strict=True)
-        ]
+            for p, t, s in zip(ro.prompts, ro.texts, ro.stopped.tolist(), strict=True)
+        ],
+        device=ro.ids.device,
     )
 
 
 def checker_rewards(ro: Rollout) -> torch.Tensor:
     """1 where the task's checker accepts the answer, else 0 (a verifiable reward)."""
     return torch.tensor(
-        [float(is_correct(_example(p), t)) for p, t in zip(ro.prompts, ro.texts, strict=True)]
+        [float(is_correct(_example(p), t)) for p, t in zip(ro.prompts, ro.texts, strict=True)],
+        device=ro.ids.device,
     )
 
 
