@@ -25,6 +25,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+# The Llama config and weight copy of a Decoder, for the Hugging Face peers (one mapping,
+# checked by tests/models/test_llama_parity.py).
+from lmforge.models.hf import llama_config  # noqa: E402, F401
+from lmforge.models.hf import to_llama as llama_from_decoder  # noqa: E402, F401
 from lmforge.objectives.lm import token_loss  # noqa: E402
 from lmforge.runtime import autocast_dtype  # noqa: E402
 from lmforge.training.loop import train_step  # noqa: E402
@@ -91,70 +95,6 @@ def world_tokenizer(seed: int) -> Any:
 
     corpus = generate_corpus(WorldConfig(n_docs=WORLD_DOCS, seed=seed))
     return train_tokenizer("bpe", corpus.train, WORLD_VOCAB)
-
-
-def llama_config(cfg: Any, **overrides: Any) -> Any:
-    """A `transformers.LlamaConfig` of the same shape as lmforge's `TransformerConfig` `cfg`
-    (SwiGLU width, heads, kv heads, rotary base, norm eps, tied embeddings, no biases, dropout
-    0), pad id 0 (lmforge's `<|pad|>`), no bos/eos; `overrides` are added or replace fields."""
-    from transformers import LlamaConfig
-
-    fields = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.n_embd,
-        intermediate_size=cfg.ff_width,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_size,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attention_dropout=0.0,
-        initializer_range=cfg.init_std,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return LlamaConfig(**{**fields, **overrides})
-
-
-def llama_from_decoder(model: torch.nn.Module) -> Any:
-    """A `transformers.LlamaForCausalLM` (config `llama_config(model.cfg)`) holding a copy of
-    the weights of lmforge `Decoder` `model`: the same function, logits equal up to float
-    rounding (the mapping tests/models/test_llama_parity.py checks)."""
-    from transformers import LlamaForCausalLM
-
-    c = model.cfg
-    hf = LlamaForCausalLM(llama_config(c))
-    q, kv, ff = c.n_head * c.head_size, c.kv_heads * c.head_size, c.ff_width
-    sd = {
-        "model.embed_tokens.weight": model.tok_emb.weight,
-        "model.norm.weight": model.norm.weight,
-        "lm_head.weight": model.lm_head.weight,
-    }
-    for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        w = b.attn.qkv.weight
-        sd |= {
-            p + "input_layernorm.weight": b.attn_norm.weight,
-            p + "self_attn.q_proj.weight": w[:q],
-            p + "self_attn.k_proj.weight": w[q : q + kv],
-            p + "self_attn.v_proj.weight": w[q + kv :],
-            p + "self_attn.o_proj.weight": b.attn.proj.weight,
-            p + "post_attention_layernorm.weight": b.mlp_norm.weight,
-            p + "mlp.gate_proj.weight": b.mlp.gate_up.weight[:ff],
-            p + "mlp.up_proj.weight": b.mlp.gate_up.weight[ff:],
-            p + "mlp.down_proj.weight": b.mlp.down.weight,
-        }
-    sd = {k: v.detach().clone() for k, v in sd.items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    if unexpected or any("rotary" not in m for m in missing):
-        raise RuntimeError(f"weight mapping: missing {missing}, unexpected {unexpected}")
-    return hf
 
 
 def n_params(model: torch.nn.Module) -> int:

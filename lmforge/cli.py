@@ -32,11 +32,15 @@ from lmforge.generation.generate import generate as run_generate
 from lmforge.io import atomic_write_text
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
+from lmforge.models.hf import export_hf
 from lmforge.objectives.reward import pairwise_accuracy
+from lmforge.pipeline.recipe import STAGES, load_recipe
+from lmforge.pipeline.report import write_report
+from lmforge.pipeline.run import run_pipeline
 from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.training.best_of_n import BestOfNConfig
 from lmforge.training.best_of_n import best_of_n as run_best_of_n
-from lmforge.training.checkpoint import load_model, load_reward_model
+from lmforge.training.checkpoint import load_model, load_reward_model, read_config_json
 from lmforge.training.dpo import DPOConfig
 from lmforge.training.dpo import dpo as run_dpo
 from lmforge.training.evaluate import eval_table
@@ -598,6 +602,47 @@ def eval_(
 
 
 # ---------------------------------------------------------------------------------------------
+# run, report
+
+
+@cli.command("run")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/NAME].")
+@click.option("--only", "only", type=click.Choice(STAGES), help="Run this stage only.")
+@click.option(
+    "--from", "start", type=click.Choice(STAGES), help="Redo this stage and every later one."
+)
+@click.option("--overwrite", is_flag=True, help="Replace a folder that is not an lmforge run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.argument("args", nargs=-1, metavar="[RECIPE] [KEY=VALUE]...")
+def run(
+    out: Path | None,
+    only: str | None,
+    start: str | None,
+    overwrite: bool,
+    quiet: bool,
+    args: tuple[str, ...],
+) -> None:
+    """Run the whole workflow from a recipe (TOML/YAML; default: the built-in task world):
+    tokenizer, pretrain, SFT, sample, label, reward model, PPO, DPO, GRPO, best-of-n, eval and
+    the report. A stage whose config and inputs are unchanged is skipped; an interrupted run
+    continues where it stopped. Overrides address a stage's section: sft.train.max_steps=100."""
+    recipe_file = Path(args[0]) if args and "=" not in args[0] else None
+    recipe = load_recipe(recipe_file, out, args[1:] if recipe_file else args)
+    run_pipeline(recipe, only=only, start=start, overwrite=overwrite, progress=not quiet)
+    report_md = recipe.run / "report.md"
+    if report_md.is_file():
+        click.echo(f"report: {report_md} (and report.html)")
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--conversations", type=int, help="Sample conversations per model [recipe's].")
+def report(run_dir: Path, conversations: int | None) -> None:
+    """Rebuild RUN_DIR/report.md, report.html and plots/ from the stages' metrics files."""
+    click.echo(str(write_report(run_dir, conversations)))
+
+
+# ---------------------------------------------------------------------------------------------
 # chat
 
 
@@ -746,6 +791,32 @@ def fill_mask(model_dir: Path, top_k: int, text: str) -> None:
             for p, t in zip(top.values, top.indices, strict=True)
         )
         click.echo(f"{mask_token} #{n + 1}: {cands}")
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--to", "fmt", required=True, type=click.Choice(["hf"]), help="hf: a Hugging Face Llama."
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it holds files.")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def export(model_dir: Path, fmt: str, out_dir: Path, overwrite: bool) -> None:
+    """Write a decoder to OUT_DIR in another format; `--to hf` gives a folder that
+    transformers' AutoModelForCausalLM and AutoTokenizer load (Llama architecture)."""
+    del fmt  # hf is the only format so far
+    if read_config_json(model_dir).get("head") == "reward":
+        raise UserError(f"{model_dir}: holds a reward model; export --to hf needs a decoder")
+    src, dst = model_dir.resolve(), out_dir.resolve()
+    if src.is_relative_to(dst):  # --overwrite would delete the model being exported
+        raise UserError(f"{out_dir}: holds the model folder {model_dir}; pick another OUT_DIR")
+    model, tok, _ = load_model(model_dir, family="decoder")
+    assert isinstance(model, Decoder)
+    export_hf(model, tok, out_dir, overwrite=overwrite)
+    click.echo(f"wrote {out_dir}")
 
 
 # ---------------------------------------------------------------------------------------------

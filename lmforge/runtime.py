@@ -1,8 +1,10 @@
 """Where and how tensors run: device choice, mixed precision, seeding, threads.
 
-`autocast_dtype` answers "is bf16 faster here?" by measuring, once per process, instead of
-guessing from the device name: on CPUs with AMX or AVX512-BF16 bf16 matmuls run several times
-faster than fp32, elsewhere they can be slower.
+`autocast_dtype` answers "is bf16 faster here?" for a CPU from its instruction set: with AMX or
+AVX512-BF16, bf16 matmuls run several times faster than fp32; elsewhere they can be slower. Where
+the flags cannot be read (not Linux), it measures once per process instead. Reading flags keeps
+the choice the same in every run on a machine, which two runs compared number for number need
+(a timing can flip on a busy machine).
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 @functools.cache
-def _cpu_bf16_is_faster(n: int = 512, reps: int = 6) -> bool:
+def _cpu_bf16_is_faster() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return _bf16_matmul_wins()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _bf16_matmul_wins(n: int = 512, reps: int = 6) -> bool:
     """Time an n*n*n matmul in fp32 and bf16 and say whether bf16 wins by a clear margin."""
 
     def best(dtype: torch.dtype) -> float:

@@ -17,6 +17,19 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["LMFORGE_CACHE"] = str(tmp_path_factory.mktemp("lmforge-cache"))
 
 
+def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run the CLI with `argv`; check it refused with one `error:` line and exit code 2."""
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in err
+    return err
+
+
 # Overrides for a pretraining run that takes a few seconds on a CPU.
 TINY_PRETRAIN = (
     "data.world.n_docs=1500",

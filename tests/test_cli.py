@@ -11,17 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
-from tests.conftest import TINY_PRETRAIN
-
-
-def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert "Traceback" not in err
-    return err
+from tests.conftest import TINY_PRETRAIN, fails
 
 
 def pretrain_fails(capsys: pytest.CaptureFixture[str], out: Path, *overrides: str) -> str:

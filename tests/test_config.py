@@ -85,7 +85,7 @@ def test_every_option_is_documented_and_round_trips() -> None:
 
 def test_every_shipped_config_loads() -> None:
     root = Path(__file__).parents[1]
-    shipped = sorted(root.glob("bench/configs/*.toml")) + sorted(root.glob("recipes/*.toml"))
+    shipped = sorted(root.glob("bench/configs/*.toml"))  # recipes/: tests/pipeline
     assert shipped, "no shipped configs found"
     for path in shipped:
         cfg = C.load(PretrainConfig, path)

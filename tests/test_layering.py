@@ -1,5 +1,5 @@
 """Imports point one way: config/runtime -> tokenizers -> models -> data -> objectives ->
-generation -> evaluation -> training -> cli. A lower layer importing a higher one fails."""
+generation -> evaluation -> training -> pipeline -> cli. An import from a higher layer fails."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = Path(lmforge.__file__).parent
 LAYERS = {
     "errors": 0, "io": 0, "config": 0, "runtime": 0,
     "tokenizers": 1, "models": 2, "data": 3, "objectives": 4, "generation": 5,
-    "evaluation": 6, "feedback": 6, "training": 7, "cli": 8, "__main__": 8,
+    "evaluation": 6, "feedback": 6, "training": 7, "pipeline": 8, "cli": 9, "__main__": 9,
 }  # fmt: skip
 
 

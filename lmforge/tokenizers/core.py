@@ -62,6 +62,11 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(algo={self.algo!r}, vocab_size={self.vocab_size})"
 
+    @property
+    def json(self) -> str:
+        """The serialized Hugging Face tokenizer (tokenizer.json) this one wraps."""
+        return self._json
+
     def __reduce__(self) -> tuple[type[Tokenizer], tuple[str, str]]:
         # Pickle as (algo, json), e.g. for DataLoader workers: the algo table holds lambdas.
         return (Tokenizer, (self.algo, self._json))

@@ -43,9 +43,11 @@ def evaluate(
     *,
     reward_model: Path | None = None,
     reference: Path | None = None,
+    tasks: TaskConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score the model in `model_dir`; write `out/metrics.jsonl` and `out/answers.jsonl`
+    """Score the model in `model_dir` on `tasks` (default: the tasks it was fine-tuned on, or
+    every task for a base model); write `out/metrics.jsonl` and `out/answers.jsonl`
     (replacing an earlier eval there) and return the metrics row.
 
     A chat model is also sampled (`cfg.samples` per prompt at `cfg.temperature`): the mean gold
@@ -61,7 +63,7 @@ def evaluate(
         if ref_tok.fingerprint != tok.fingerprint or not isinstance(loaded, Decoder):
             raise UserError(f"reference: {reference} is not a decoder with the model's tokenizer")
         ref = loaded
-    tasks = task_config_of(config, str(model_dir / "config.json"))
+    tasks = tasks or task_config_of(config, str(model_dir / "config.json"))
     splits = make_splits(tasks)
     examples = limit_per_task(splits[cfg.split], cfg.limit)
     chat = config.get("stage") != "pretrain"

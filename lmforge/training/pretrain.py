@@ -307,6 +307,7 @@ def pretrain(
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tps,
+                    "tokens": done * tokens_per_step,
                     "mfu": tps * flops_per_token / _peak_flops(device),
                     "elapsed_s": time.perf_counter() - t_start,
                 }
