@@ -1,9 +1,10 @@
 """Reward hacking on the task world: a biased reward model, PPO without a KL penalty.
 
-    python experiments/reward_hacking.py --runs runs/align [--bias 1.0]
+    lmforge run                                               # the default run, runs/world
+    python experiments/reward_hacking.py --runs runs/world [--bias 1.0]
 
-Reuses the SFT model and its sampled responses from `experiments/align_world.py` (same --runs
-folder), then:
+Reuses the SFT model and its sampled responses from the default run (sft/, sample/), then
+writes into RUNS/hacking/:
 
     lmforge label --simulated responses.jsonl length_bias=B -> prefs_biased{,_val}.jsonl
     lmforge reward --model sft                              -> rm_biased/
@@ -36,21 +37,22 @@ def lmforge(*args: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "align")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "world")
     ap.add_argument("--bias", type=float, default=1.0, help="annotators' length_bias")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument(
         "--out", type=Path, default=ROOT / "experiments" / "results" / "reward_hacking.json"
     )
     a = ap.parse_args()
-    r = a.runs.resolve()
-    sft = r / "sft"
+    sft, sample = a.runs.resolve() / "sft", a.runs.resolve() / "sample"
+    r = a.runs.resolve() / "hacking"
+    r.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     for sfx in ("", "_val"):
         prefs = r / f"prefs_biased{sfx}.jsonl"
         if not prefs.exists():
-            lmforge("label", "--simulated", str(r / f"responses{sfx}.jsonl"), "--out", str(prefs),
-                    "noise=0.1", f"length_bias={a.bias}")  # fmt: skip
+            lmforge("label", "--simulated", str(sample / f"responses{sfx}.jsonl"), "--out",
+                    str(prefs), "noise=0.1", f"length_bias={a.bias}")  # fmt: skip
     rm = r / "rm_biased"
     if not rm.exists():
         val = r / "prefs_biased_val.jsonl"

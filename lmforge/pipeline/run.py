@@ -49,8 +49,8 @@ STATE = "stages.json"
 # Rough seconds per stage of a default world run on 2 CPU cores, for the ETA only; the
 # estimate rescales them by how fast this machine has been so far.
 WEIGHTS = {
-    "tokenizer": 5, "pretrain": 250, "sft": 120, "sample": 40, "label": 3, "reward": 45,
-    "ppo": 200, "dpo": 85, "grpo": 75, "best_of_n": 50, "eval": 55, "report": 5,
+    "tokenizer": 1, "pretrain": 215, "sft": 175, "sample": 45, "label": 1, "reward": 45,
+    "ppo": 205, "dpo": 90, "grpo": 75, "best_of_n": 28, "eval": 25, "report": 2,
 }  # fmt: skip
 TRAINERS: dict[str, Callable[..., dict[str, Any]]] = {
     "pretrain": pretrain, "sft": sft, "reward": reward, "ppo": ppo, "dpo": dpo, "grpo": grpo,
