@@ -118,7 +118,9 @@ def _train(stage: str, fn: Callable[..., dict[str, Any]], cfg: Any, out: Path,
     def go(resume: bool, progress: bool) -> dict[str, Any]:
         return fn(cfg, out, resume=resume, overwrite=not resume, progress=progress)
 
-    return Node(stage, stage, out, deps, C.to_dict(cfg), go, resumable=True)
+    config = C.to_dict(cfg)
+    config["train"].pop("trackers", None)  # where metrics are mirrored changes no result
+    return Node(stage, stage, out, deps, config, go, resumable=True)
 
 
 def _eval(recipe: Recipe, model: str, run: Path) -> Node:

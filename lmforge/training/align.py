@@ -40,13 +40,14 @@ from lmforge.tokenizers.chat import JINJA_TEMPLATE
 from lmforge.training.checkpoint import load_model, load_reward_model
 from lmforge.training.diagnostics import DiagnosticsConfig, pathologies
 from lmforge.training.loop import epoch_order, setup_device
-from lmforge.training.metrics import MetricsWriter, read_metrics
+from lmforge.training.metrics import MetricsWriter, open_metrics, read_metrics
 from lmforge.training.rollout import (
     Rollout,
     rollout,
     sample_metrics,
 )
 from lmforge.training.rundir import check_resume_config, check_run_dir
+from lmforge.training.trackers import check_trackers
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def start_rl(cfg: Any, out: Path, resume: bool, overwrite: bool, rollouts: bool 
     """The shared start of PPO, GRPO and DPO (configs with policy, reward_model, prompts, tasks,
     eval_prompts, sampling, train): check the run folder, then load everything, seeded."""
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
+    check_trackers(cfg.train.trackers)
     if state is not None:
         check_resume_config(to_dict(cfg), out)
     device, dtype = setup_device(cfg.train)
@@ -136,14 +138,14 @@ def policy_run_config(stage: str, objective: str, cfg: Any, s: RLStart) -> dict[
 
 
 def open_run(
-    out: Path, s: RLStart, run_config: dict[str, Any], start: int
+    out: Path, s: RLStart, run_config: dict[str, Any], start: int, trackers: Sequence[str]
 ) -> tuple[MetricsWriter, list[dict[str, Any]]]:
     """Write the tokenizer (fresh run) and run config; open metrics.jsonl (cut back to `start`
-    when resuming) and return it with the iteration rows logged so far."""
+    when resuming) and the `trackers`, and return it with the iteration rows logged so far."""
     if s.state is None:
         s.tok.save(out / "tokenizer")
     atomic_write_json(out / "run_config.json", run_config)
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start if s.state else None)
+    metrics = open_metrics(out, start if s.state else None, trackers, run_config)
     history = [r for r in read_metrics(out / "metrics.jsonl") if "score" in r] if s.state else []
     return metrics, history
 

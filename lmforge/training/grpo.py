@@ -110,7 +110,7 @@ def grpo(
 
     with run_dir(out, fresh=s.state is None, overwrite=overwrite):
         start = load_state(s.state, policy, optimizer)["step"] if s.state is not None else 0
-        metrics, history = open_run(out, s, run_config, start)
+        metrics, history = open_run(out, s, run_config, start, cfg.train.trackers)
         if progress:
             tqdm.write(
                 f"grpo: {len(data.train)} prompts, {P} x {G} responses per iteration, reward="

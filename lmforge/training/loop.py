@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lmforge.config import check, opt
 from lmforge.errors import UserError
 from lmforge.runtime import Batch, autocast, autocast_dtype, call, resolve_device, to_device
+from lmforge.training.trackers import TRACKERS, unknown_tracker
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +41,9 @@ class TrainConfig:
     eval_blocks: int = opt(64, "held-out blocks per evaluation")
     ckpt_every: int = opt(200, "save resume state every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "resume states kept on disk (the newest ones)")
+    trackers: tuple[str, ...] = opt(
+        (), "extra metric sinks besides metrics.jsonl: tensorboard, wandb"
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every"):
@@ -49,6 +53,9 @@ class TrainConfig:
         check(self.block_size >= 0, "block_size", "must be >= 0")
         check(self.threads >= 0, "threads", "must be >= 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        for name in self.trackers:
+            check(name in TRACKERS, "trackers", unknown_tracker(name))
+        check(len(set(self.trackers)) == len(self.trackers), "trackers", "names a tracker twice")
 
 
 def setup_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:

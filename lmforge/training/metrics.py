@@ -2,16 +2,19 @@
 
 The report and the tests read these files; trainers only append to them. On resume the file
 is cut back to the checkpoint's step so that a killed run leaves no duplicate or orphan rows.
+Each row is also mirrored to the dashboards named in `train.trackers` (see trackers.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.io import atomic_write_text
 from lmforge.models.transformer import TransformerConfig
+from lmforge.training.trackers import Tracker, open_trackers
 
 # Peak bf16 matmul throughput of a 2-thread CPU of the reference machine type (measured with
 # torch 2.13: ~900 GFLOP/s). Used only as the MFU denominator on CPU.
@@ -19,8 +22,13 @@ CPU_BF16_PEAK_FLOPS = 900e9
 
 
 class MetricsWriter:
-    def __init__(self, path: Path, resume_step: int | None = None):
+    """Appends rows to `path` and mirrors each to the run's optional `trackers`."""
+
+    def __init__(
+        self, path: Path, resume_step: int | None = None, trackers: Sequence[Tracker] = ()
+    ):
         self.path = path
+        self.trackers = list(trackers)
         if resume_step is not None and path.exists():
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -29,9 +37,22 @@ class MetricsWriter:
     def log(self, row: dict[str, Any]) -> None:
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        for tracker in self.trackers:
+            tracker.log(row, row["step"])
 
     def close(self) -> None:
         self._f.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def open_metrics(
+    out: Path, resume_step: int | None, trackers: Sequence[str], config: dict[str, Any]
+) -> MetricsWriter:
+    """The run's metrics.jsonl, mirrored to the trackers named in `train.trackers`; `config`
+    is the run_config.json the trackers record."""
+    opened = open_trackers(trackers, out, config, resume_step)
+    return MetricsWriter(out / "metrics.jsonl", resume_step, opened)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -150,7 +150,7 @@ def ppo(
         if s.state is not None:
             saved = load_state(s.state, both, optimizer)
             start, beta = saved["step"], saved["kl_coef"]
-        metrics, history = open_run(out, s, run_config, start)
+        metrics, history = open_run(out, s, run_config, start, cfg.train.trackers)
         if progress:
             tqdm.write(
                 f"ppo: {len(data.train)} prompts, {B} responses per iteration, reward="

@@ -58,8 +58,8 @@ from lmforge.training.loop import (
 )
 from lmforge.training.metrics import (
     CPU_BF16_PEAK_FLOPS,
-    MetricsWriter,
     decoder_flops_per_token,
+    open_metrics,
 )
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import (
@@ -69,6 +69,7 @@ from lmforge.training.rundir import (
     load_resume_config,
     run_dir,
 )
+from lmforge.training.trackers import check_trackers
 
 # Each family's objectives, its default first. The loop never branches on the family: it asks
 # OBJECTIVES for a batch transform and FAMILIES (models/__init__.py) for the model class.
@@ -204,6 +205,7 @@ def pretrain(
     `RESUMABLE` (see `resume_config`, which builds it from the saved one).
     """
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
+    check_trackers(cfg.train.trackers)
     if state is not None:
         check_resume_config(to_dict(cfg), out)
     if not cfg.tokenizer.path and state is None:
@@ -241,7 +243,7 @@ def pretrain(
         else:
             tokenizer.save(out / "tokenizer")
         atomic_write_json(out / "run_config.json", run_config)
-        metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start if state else None)
+        metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
         flops_per_token = decoder_flops_per_token(model_cfg, cfg.block_size)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * block
         if state is None:

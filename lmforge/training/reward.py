@@ -49,7 +49,7 @@ from lmforge.training.loop import (
     step_bar,
     train_step,
 )
-from lmforge.training.metrics import MetricsWriter
+from lmforge.training.metrics import open_metrics
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import (
     check_resume_config,
@@ -57,6 +57,7 @@ from lmforge.training.rundir import (
     final_row,
     run_dir,
 )
+from lmforge.training.trackers import check_trackers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,6 +228,7 @@ def reward(
 ) -> dict[str, Any]:
     """Train a reward model into `out`; return the final metrics row."""
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
+    check_trackers(cfg.train.trackers)
     if state is not None:
         check_resume_config(to_dict(cfg), out)
     train_prefs = load_preferences(cfg.data)
@@ -264,7 +266,7 @@ def reward(
         else:
             tok.save(out / "tokenizer")
         atomic_write_json(out / "run_config.json", run_config)
-        metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start if state else None)
+        metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
         if state is None:
             metrics.log({"step": 0, "n_train": len(train_pairs), "n_val": len(val_pairs)})
         if start >= cfg.train.max_steps:

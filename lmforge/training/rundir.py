@@ -82,6 +82,7 @@ RESUMABLE = (
     "train.eval_blocks",
     "train.ckpt_every",
     "train.keep_checkpoints",
+    "train.trackers",  # they only mirror metrics.jsonl
 )
 
 

@@ -53,7 +53,7 @@ from lmforge.training.loop import (
     step_bar,
     train_step,
 )
-from lmforge.training.metrics import MetricsWriter
+from lmforge.training.metrics import open_metrics
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import (
     check_resume_config,
@@ -61,6 +61,7 @@ from lmforge.training.rundir import (
     final_row,
     run_dir,
 )
+from lmforge.training.trackers import check_trackers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +169,7 @@ def sft(
 ) -> dict[str, Any]:
     """Run the SFT stage into `out`; return the final metrics row."""
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
+    check_trackers(cfg.train.trackers)
     if state is not None:
         check_resume_config(to_dict(cfg), out)
     base = Path(cfg.model)
@@ -214,7 +216,7 @@ def sft(
         else:
             tok.save(out / "tokenizer")
         atomic_write_json(out / "run_config.json", run_config)
-        metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start if state else None)
+        metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
         if state is None:
             metrics.log(
                 {

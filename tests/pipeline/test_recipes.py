@@ -97,3 +97,19 @@ def test_a_bad_recipe_file_names_the_file(tmp_path: Path, capsys: pytest.Capture
     assert fails(capsys, *run).startswith(f"error: {bad}: invalid TOML")
     bad.write_text("sft = 3\n")
     assert "field 'sft': expected a table of fields" in fails(capsys, *run)
+
+
+def test_trackers_do_not_change_a_stages_key(tmp_path: Path) -> None:
+    from lmforge.pipeline.run import node_key, plan
+
+    def keys(*overrides: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for node in plan(load_recipe(None, tmp_path, overrides), tmp_path):
+            out[node.name] = node_key(node, out, tmp_path)
+        return out
+
+    plain = keys()
+    assert keys("sft.train.trackers=tensorboard") == plain
+    changed = keys("sft.train.max_steps=999")
+    assert [n for n in plain if plain[n] != changed[n]][:3] == ["sft", "sample", "label"]
+    assert changed["pretrain"] == plain["pretrain"]
