@@ -808,6 +808,12 @@ def export(model_dir: Path, fmt: str, out_dir: Path, overwrite: bool) -> None:
     """Write a decoder to OUT_DIR in another format; `--to hf` gives a folder that
     transformers' AutoModelForCausalLM and AutoTokenizer load (Llama architecture)."""
     del fmt  # hf is the only format so far
+    try:
+        import transformers  # noqa: F401 - the Llama config comes from it
+    except ImportError:
+        raise UserError(
+            "export --to hf needs the 'transformers' package: pip install 'lmforge[hf]'"
+        ) from None
     if read_config_json(model_dir).get("head") == "reward":
         raise UserError(f"{model_dir}: holds a reward model; export --to hf needs a decoder")
     src, dst = model_dir.resolve(), out_dir.resolve()

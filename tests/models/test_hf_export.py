@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,13 @@ def test_cli_existing_out_dir(exported: Path, capsys: pytest.CaptureFixture[str]
     err = fails(capsys, "export", "--model", str(exported), "--to", "hf", str(exported.parent))
     assert "holds the model folder" in err
     assert (exported / "model.safetensors").is_file()
+
+
+def test_cli_without_transformers(
+    exported: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    out = exported.parent / "no-hf"
+    err = fails(capsys, "export", "--model", str(exported), "--to", "hf", str(out))
+    assert "pip install 'lmforge[hf]'" in err
+    assert not out.exists()
