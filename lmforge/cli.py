@@ -631,6 +631,9 @@ def run(
     run_pipeline(recipe, only=only, start=start, overwrite=overwrite, progress=not quiet)
     report_md = recipe.run / "report.md"
     if report_md.is_file():
+        summary = report_md.read_text().split("## Summary\n", 1)[-1].split("\n## ", 1)[0]
+        if "|" in summary:  # each stage against its baseline, as the report opens
+            click.echo(summary.strip())
         click.echo(f"report: {report_md} (and report.html)")
 
 

@@ -88,6 +88,9 @@ def full(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pipeline") / "full"
     log = finish(lmforge_run(out))
     assert log.count("== [") == 16, log  # 11 stages, 5 of them evals
+    # The run ends by printing the report's summary table.
+    summary = (out / "report.md").read_text().split("## Summary\n")[1].split("\n## ")[0]
+    assert summary.strip() in log and "| PPO |" in log, log
     return out
 
 
