@@ -29,13 +29,13 @@ from lmforge.feedback.simulated import Annotator, label_simulated
 from lmforge.generation.chat import ChatSession
 from lmforge.generation.generate import SamplingConfig, generate_seq2seq
 from lmforge.generation.generate import generate as run_generate
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_write_jsonl
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.models.hf import export_hf
 from lmforge.objectives.reward import pairwise_accuracy
 from lmforge.pipeline.recipe import STAGES, load_recipe
-from lmforge.pipeline.report import write_report
+from lmforge.pipeline.report import summary_table, write_report
 from lmforge.pipeline.run import run_pipeline
 from lmforge.tokenizers import check_vocab_size, load_tokenizer, train_tokenizer
 from lmforge.training.best_of_n import BestOfNConfig
@@ -291,7 +291,7 @@ def sample(
     plist = world_prompts(cfg) if prompts == "world" else file_prompts(Path(prompts), cfg.limit)
     model, tok, _ = load_model(model_dir)
     records = sample_responses(model, tok, plist, cfg, str(model_dir), progress=not quiet)
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_jsonl(out, records)
     click.echo(f"{out}: {len(records)} prompts x {cfg.n} responses")
 
 
@@ -350,7 +350,7 @@ def label(
         if not isinstance(rec, dict) or not isinstance(rec.get("responses"), list):
             raise UserError(f"{simulated}:{i}: expected a responses record (see lmforge sample)")
     prefs = label_simulated(records, annotator)  # type: ignore[arg-type]
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in prefs))
+    atomic_write_jsonl(out, prefs)
     click.echo(f"{out}: {len(prefs)} preference pairs from {len(records)} prompts")
 
 
@@ -631,9 +631,9 @@ def run(
     run_pipeline(recipe, only=only, start=start, overwrite=overwrite, progress=not quiet)
     report_md = recipe.run / "report.md"
     if report_md.is_file():
-        summary = report_md.read_text().split("## Summary\n", 1)[-1].split("\n## ", 1)[0]
-        if "|" in summary:  # each stage against its baseline, as the report opens
-            click.echo(summary.strip())
+        summary = summary_table(recipe.run)  # each stage against its baseline
+        if summary:
+            click.echo(summary)
         click.echo(f"report: {report_md} (and report.html)")
 
 

@@ -22,6 +22,7 @@ from lmforge.errors import UserError
 from lmforge.io import atomic_write_text
 from lmforge.pipeline.recipe import FOLDERS, STAGES
 from lmforge.training.metrics import read_metrics
+from lmforge.training.rundir import final_row
 
 MODELS = ("sft", "best_of_n", "ppo", "dpo", "grpo")  # the alignment table's rows
 LABELS = {"base": "base (3-shot)", "sft": "SFT", "best_of_n": "best-of-n", "ppo": "PPO",
@@ -64,10 +65,7 @@ class Run:
 
     def last(self, stage: str) -> dict[str, Any]:
         """The last value of every metric of a stage (empty if it has not run)."""
-        out: dict[str, Any] = {}
-        for row in self.rows(stage):
-            out.update(row)
-        return out
+        return final_row(self.path(stage)) if (self.path(stage) / "metrics.jsonl").is_file() else {}
 
     def wall(self) -> dict[str, float]:
         """Seconds per node ("sft", "eval:ppo"), in pipeline order."""
@@ -139,6 +137,12 @@ def _summary(r: Run) -> list[Block]:
     return [Block("h2", "Summary"),
             Block("table", header=("stage", "gold metric", "value", "baseline", "better"),
                   rows=tuple(rows))]  # fmt: skip
+
+
+def summary_table(run: Path) -> str:
+    """The report's summary table as Markdown ("" before any stage has a verdict)."""
+    blocks = _summary(Run(run))
+    return to_markdown(blocks[1:]).strip() if blocks else ""
 
 
 def _tokenizer(r: Run) -> tuple[list[Block], dict[str, Any]]:

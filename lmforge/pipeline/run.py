@@ -32,16 +32,16 @@ from lmforge.data.corpora import load_corpus, read_jsonl
 from lmforge.errors import UserError
 from lmforge.feedback.sampling import file_prompts, sample_responses, world_prompts
 from lmforge.feedback.simulated import Annotator, label_simulated
-from lmforge.io import atomic_dir, atomic_write_json, atomic_write_text
+from lmforge.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from lmforge.pipeline.recipe import FOLDERS, STAGES, Recipe
-from lmforge.tokenizers import check_vocab_size, train_tokenizer
+from lmforge.tokenizers import check_vocab_size
 from lmforge.training.best_of_n import best_of_n
 from lmforge.training.checkpoint import latest_state, load_model
 from lmforge.training.dpo import dpo
 from lmforge.training.evaluate import evaluate
 from lmforge.training.grpo import grpo
 from lmforge.training.ppo import ppo
-from lmforge.training.pretrain import pretrain
+from lmforge.training.pretrain import build_tokenizer, pretrain
 from lmforge.training.reward import reward
 from lmforge.training.sft import sft
 
@@ -149,16 +149,25 @@ def _eval(recipe: Recipe, model: str, run: Path) -> Node:
 # Stages that are not a training loop
 
 
-def _metrics_row(out: Path, row: dict[str, Any]) -> None:
-    atomic_write_text(out / "metrics.jsonl", json.dumps(row) + "\n")
+def _write_stage(
+    out: Path, row: dict[str, Any], files: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """A non-training stage's folder, whole or not at all: its JSONL files and a one-row
+    metrics.jsonl."""
+    with atomic_dir(out) as tmp:
+        for name, records in files.items():
+            atomic_write_jsonl(tmp / name, records)
+        atomic_write_jsonl(tmp / "metrics.jsonl", [row])
+    return row
 
 
 def _tokenizer(pre: Any, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    """The tokenizer pretraining would train (from the same cache), saved as its own stage
+    with its held-out compression."""
     check_vocab_size(pre.tokenizer.algo, pre.tokenizer.vocab_size)
     corpus = load_corpus(pre.data)
     t = time.perf_counter()
-    tok = train_tokenizer(pre.tokenizer.algo, corpus.train, pre.tokenizer.vocab_size,
-                          show_progress=progress)  # fmt: skip
+    tok = build_tokenizer(pre, corpus, None, progress)
     row = {
         "algo": pre.tokenizer.algo,
         "vocab_size": tok.vocab_size,
@@ -168,7 +177,7 @@ def _tokenizer(pre: Any, out: Path, resume: bool, progress: bool) -> dict[str, A
     }
     with atomic_dir(out) as tmp:
         tok.save(tmp)
-        _metrics_row(tmp, row)
+        atomic_write_jsonl(tmp / "metrics.jsonl", [row])
     return row
 
 
@@ -200,11 +209,7 @@ def _sample(
         "tokens": sum(len(tok.encode(x, add_bos=False)) for x in responses),
         "wall_s": wall,
     }
-    with atomic_dir(out) as tmp:
-        for name, recs in files.items():
-            atomic_write_text(tmp / name, "".join(json.dumps(r) + "\n" for r in recs))
-        _metrics_row(tmp, row)
-    return row
+    return _write_stage(out, row, files)
 
 
 def _best_of_n(cfg: Any, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
@@ -233,11 +238,7 @@ def _label(
         "ceiling": sum(max(p["p_chosen"], 1 - p["p_chosen"]) for p in pairs) / max(1, len(pairs)),
         "annotator": C.to_dict(annotator),
     }
-    with atomic_dir(out) as tmp:
-        for name, recs in files.items():
-            atomic_write_text(tmp / name, "".join(json.dumps(r) + "\n" for r in recs))
-        _metrics_row(tmp, row)
-    return row
+    return _write_stage(out, row, files)
 
 
 # ---------------------------------------------------------------------------------------------

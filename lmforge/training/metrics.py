@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_write_jsonl
 from lmforge.models.transformer import TransformerConfig
 from lmforge.training.trackers import Tracker, open_trackers
 
@@ -31,7 +31,7 @@ class MetricsWriter:
         self.trackers = list(trackers)
         if resume_step is not None and path.exists():
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_jsonl(path, kept)
         self._f: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def log(self, row: dict[str, Any]) -> None:
