@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,38 @@ def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     assert err.startswith("error: ") and "\n" not in err, err
     assert "Traceback" not in err
     return err
+
+
+def lmforge_cmd(*stage: str) -> list[str]:
+    """`python -m lmforge STAGE --quiet` as a subprocess command line."""
+    return [sys.executable, "-m", "lmforge", *stage, "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+def run_to_end(cmd: list[str], out: Path, args: list[str]) -> None:
+    subprocess.run([*cmd, "--out", str(out), *args], check=True, env=_env(), capture_output=True)
+
+
+def sigkill_at_checkpoint(cmd: list[str], out: Path, args: list[str], step: int) -> None:
+    """Start `cmd --out OUT ARGS` and SIGKILL it as soon as its checkpoint of `step` exists."""
+    proc = subprocess.Popen([*cmd, "--out", str(out), *args], env=_env(), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "state" / f"step_{step:08d}").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def resume_to_end(cmd: list[str], out: Path) -> None:
+    resumed = subprocess.run(
+        [*cmd, "--out", str(out), "--resume"], env=_env(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
 
 
 # Overrides for a pretraining run that takes a few seconds on a CPU.

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +25,7 @@ from lmforge.training.metrics import read_metrics
 from lmforge.training.ppo import PPOConfig, ppo
 from lmforge.training.reward import RewardConfig, reward
 from lmforge.training.rundir import final_row
+from tests.conftest import lmforge_cmd, resume_to_end, run_to_end, sigkill_at_checkpoint
 
 # Short-prompt tasks the tiny model partly answers (long stories do not fit its context).
 TASKS = (
@@ -244,26 +240,11 @@ def test_ppo_sigkill_then_resume_reproduces_every_iteration(
         "ppo_epochs=2",
         "optim.lr=3e-4",
     ]
-    cmd = [sys.executable, "-m", "lmforge", "ppo", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    ref = tmp_path / "ref"
-    subprocess.run([*cmd, "--out", str(ref), *args], check=True, env=env, capture_output=True)
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--out", str(out), *args], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "state" / "step_00000006").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    ref, out, cmd = tmp_path / "ref", tmp_path / "killed", lmforge_cmd("ppo")
+    run_to_end(cmd, ref, args)
+    sigkill_at_checkpoint(cmd, out, args, 6)
     assert len(rl_rows(out)) < 12, "the run finished before SIGKILL; nothing was tested"
-
-    resumed = subprocess.run(
-        [*cmd, "--out", str(out), "--resume"], env=env, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    resume_to_end(cmd, out)
     keys = ("score", "kl", "policy_loss", "value_loss", "entropy", "response_len")
     got = [[r[k] for k in keys] for r in rl_rows(out)]
     want = [[r[k] for k in keys] for r in rl_rows(ref)]

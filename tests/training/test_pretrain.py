@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +11,13 @@ from lmforge.errors import UserError
 from lmforge.training.checkpoint import list_states, load_model
 from lmforge.training.metrics import read_metrics
 from lmforge.training.pretrain import PretrainConfig, pretrain, resume_config
-from tests.conftest import TINY_PRETRAIN
+from tests.conftest import (
+    TINY_PRETRAIN,
+    lmforge_cmd,
+    resume_to_end,
+    run_to_end,
+    sigkill_at_checkpoint,
+)
 
 
 def run(out: Path, *overrides: str, **kw: bool) -> dict:
@@ -76,27 +77,12 @@ def test_resume_extends_a_run_but_refuses_a_different_experiment(tmp_path: Path)
 def test_sigkill_then_resume_reproduces_losses_bit_for_bit(tmp_path: Path, arch: str) -> None:
     args = [*TINY_PRETRAIN, "train.max_steps=40", "train.ckpt_every=5", "model.dropout=0.1"]
     args.append(f"arch={arch}")
-    ref = tmp_path / "ref"
-    cmd = [sys.executable, "-m", "lmforge", "pretrain", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    subprocess.run([*cmd, "--out", str(ref), *args], check=True, env=env, capture_output=True)
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--out", str(out), *args], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "state" / "step_00000015").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    ref, out, cmd = tmp_path / "ref", tmp_path / "killed", lmforge_cmd("pretrain")
+    run_to_end(cmd, ref, args)
+    sigkill_at_checkpoint(cmd, out, args, 15)
     killed_at = max(losses(out))
     assert killed_at < 40, "the run finished before SIGKILL; nothing was tested"
-
-    resumed = subprocess.run(
-        [*cmd, "--out", str(out), "--resume"], env=env, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    resume_to_end(cmd, out)
     assert losses(out) == losses(ref)  # exact float equality, every step 1..40
     assert sorted(losses(out)) == list(range(1, 41))
 

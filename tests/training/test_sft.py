@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +14,14 @@ from lmforge.training.evaluate import evaluate
 from lmforge.training.metrics import read_metrics
 from lmforge.training.pretrain import PretrainConfig, pretrain
 from lmforge.training.sft import SFTConfig, sft
-from tests.conftest import TINY_PRETRAIN, TINY_SFT
+from tests.conftest import (
+    TINY_PRETRAIN,
+    TINY_SFT,
+    lmforge_cmd,
+    resume_to_end,
+    run_to_end,
+    sigkill_at_checkpoint,
+)
 
 
 def sft_config(base: Path, *overrides: str) -> SFTConfig:
@@ -70,26 +72,11 @@ def test_padded_layout_trains_the_same_examples(base: Path, tmp_path: Path) -> N
 
 def test_sigkill_then_resume_reproduces_losses(base: Path, tmp_path: Path) -> None:
     args = [f"--model={base}", *TINY_SFT, "train.max_steps=30", "train.ckpt_every=5"]
-    cmd = [sys.executable, "-m", "lmforge", "sft", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    ref = tmp_path / "ref"
-    subprocess.run([*cmd, "--out", str(ref), *args], check=True, env=env, capture_output=True)
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--out", str(out), *args], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "state" / "step_00000010").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    ref, out, cmd = tmp_path / "ref", tmp_path / "killed", lmforge_cmd("sft")
+    run_to_end(cmd, ref, args)
+    sigkill_at_checkpoint(cmd, out, args, 10)
     assert max(losses(out)) < 30, "the run finished before SIGKILL; nothing was tested"
-
-    resumed = subprocess.run(
-        [*cmd, "--out", str(out), "--resume"], env=env, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    resume_to_end(cmd, out)
     assert losses(out) == losses(ref)  # exact float equality, every step
     assert sorted(losses(out)) == list(range(1, 31))
 
