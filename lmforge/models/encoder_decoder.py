@@ -32,6 +32,8 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("TransformerConfig.vocab_size must be set before building the model")
+        if not cfg.is_default_architecture:
+            raise ValueError("encoder-decoder models support only the default architecture options")
         self.cfg = cfg
         n_dec = cfg.n_decoder_layer or cfg.n_layer
         args = (cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.ff_width, cfg.dropout, cfg.norm_eps)

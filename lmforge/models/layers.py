@@ -11,15 +11,22 @@ Key choices
 - SwiGLU (Shazeer, 2020) with gate and up projections fused into one matmul: on a CPU every
   separate small matmul costs dispatch overhead, so one wide matmul is measurably faster.
 - Attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel.
+- GPT-2's variants (LayerNorm, a GELU MLP, biases) and Qwen2's q/k/v biases are options, off by
+  default, so that imported Hugging Face checkpoints of those families run on these blocks.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.kv_cache import KVCache
+
+Norm = Literal["rmsnorm", "layernorm"]
+MLP = Literal["swiglu", "gelu"]
 
 
 class RMSNorm(nn.Module):
@@ -30,6 +37,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(kind: Norm, dim: int, eps: float) -> nn.Module:
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps)
 
 
 def rope_tables(head_size: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,21 +96,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Multi-head (or grouped-query) self-attention with rotary positions and a KV cache."""
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, dropout: float, causal: bool):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_head: int,
+        dropout: float,
+        causal: bool,
+        qkv_bias: bool = False,
+        bias: bool = False,
+    ):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_size = d_model // n_head
         self.causal = causal
         self.dropout = dropout
         # q, k and v in one matmul: (D) -> (H + 2 Hkv) * hs
-        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_size, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_size, bias=qkv_bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
@@ -107,8 +127,11 @@ class Attention(nn.Module):
         B, T, D = x.shape
         hs, H, Hkv = self.head_size, self.n_head, self.n_kv_head
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, hs)
-        # Rotate q and k heads together: one set of elementwise kernels instead of two.
-        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # (B, T, H + Hkv, hs)
+        # Rotate q and k heads together: one set of elementwise kernels instead of two. No
+        # tables means learned absolute positions, already added to the input (GPT-2).
+        qk = qkv[:, :, : H + Hkv]  # (B, T, H + Hkv, hs)
+        if cos is not None and sin is not None:
+            qk = apply_rope(qk, cos, sin)
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hs)
         k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hs)
         v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, hs)
@@ -143,6 +166,18 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: up to F, GELU (tanh approximation, GPT-2's "gelu_new"), down."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -155,19 +190,24 @@ class Block(nn.Module):
         dropout: float,
         eps: float,
         causal: bool,
+        *,
+        norm: Norm = "rmsnorm",
+        mlp: MLP = "swiglu",
+        qkv_bias: bool = False,
+        bias: bool = False,
     ):
         super().__init__()
-        self.attn_norm = RMSNorm(d_model, eps)
-        self.attn = Attention(d_model, n_head, n_kv_head, dropout, causal)
-        self.mlp_norm = RMSNorm(d_model, eps)
-        self.mlp = SwiGLU(d_model, d_ff)
+        self.attn_norm = make_norm(norm, d_model, eps)
+        self.attn = Attention(d_model, n_head, n_kv_head, dropout, causal, qkv_bias, bias)
+        self.mlp_norm = make_norm(norm, d_model, eps)
+        self.mlp = SwiGLU(d_model, d_ff) if mlp == "swiglu" else GeluMLP(d_model, d_ff, bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from lmforge.config import check, opt
 from lmforge.models.kv_cache import KVCache
-from lmforge.models.layers import Block, RMSNorm, Rotary, default_ff_width
+from lmforge.models.layers import MLP, Block, Norm, Rotary, default_ff_width, make_norm
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,15 @@ class TransformerConfig:
     dropout: float = opt(0.0, "dropout on attention and residual branches")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     init_std: float = opt(0.02, "standard deviation of the normal weight init")
+    # Architecture variants, for checkpoints imported from Hugging Face (models/hf.py): GPT-2
+    # is layernorm + gelu + learned + bias + qkv_bias; Qwen2 is the default plus qkv_bias.
+    norm: Norm = opt("rmsnorm", "rmsnorm (Llama) or layernorm (GPT-2)")
+    mlp: MLP = opt("swiglu", "swiglu (Llama) or gelu (GPT-2, tanh approximation)")
+    positions: Literal["rope", "learned"] = opt(
+        "rope", "rotary positions (Llama) or a learned position embedding (GPT-2)"
+    )
+    qkv_bias: bool = opt(False, "biases on the q/k/v projections (Qwen2, GPT-2)")
+    bias: bool = opt(False, "biases on the attention output and MLP projections (GPT-2)")
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 0, "vocab_size", f"must be >= 0 (got {self.vocab_size})")
@@ -47,7 +57,7 @@ class TransformerConfig:
             f"{self.n_embd} is not divisible by n_head={self.n_head}",
         )
         check(
-            (self.n_embd // self.n_head) % 2 == 0,
+            self.positions != "rope" or (self.n_embd // self.n_head) % 2 == 0,
             "n_embd",
             "head size n_embd/n_head must be even for rotary embeddings",
         )
@@ -68,7 +78,16 @@ class TransformerConfig:
 
     @property
     def ff_width(self) -> int:
-        return self.d_ff or default_ff_width(self.n_embd)
+        if self.d_ff:
+            return self.d_ff
+        return default_ff_width(self.n_embd) if self.mlp == "swiglu" else 4 * self.n_embd
+
+    @property
+    def is_default_architecture(self) -> bool:
+        """Whether the architecture options are all Llama's (what every family supports)."""
+        return (self.norm, self.mlp, self.positions, self.qkv_bias, self.bias) == (
+            "rmsnorm", "swiglu", "rope", False, False
+        )  # fmt: skip
 
     @property
     def head_size(self) -> int:
@@ -76,10 +95,12 @@ class TransformerConfig:
 
 
 def init_parameters(model: nn.Module, std: float, depth: int) -> None:
-    """Normal(0, std) matrices, unit norm gains; residual-branch outputs scaled by
+    """Normal(0, std) matrices, unit norm gains, zero biases; residual-branch outputs scaled by
     1/sqrt(2 * depth) as in GPT-2, so activations stay O(1) however deep the stack."""
     for name, p in model.named_parameters():
-        if p.dim() == 1:
+        if name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif p.dim() == 1:
             nn.init.ones_(p)
         elif name.endswith(("attn.proj.weight", "cross.proj.weight", "mlp.down.weight")):
             nn.init.normal_(p, std=std / math.sqrt(2 * depth))
@@ -106,14 +127,23 @@ class Transformer(nn.Module):
                 cfg.dropout,
                 cfg.norm_eps,
                 causal=causal,
+                norm=cfg.norm,
+                mlp=cfg.mlp,
+                qkv_bias=cfg.qkv_bias,
+                bias=cfg.bias,
             )
             for _ in range(cfg.n_layer)
         )
-        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.rotary = Rotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        self.rotary: Rotary | None = None
+        self.pos_emb: nn.Embedding | None = None
+        if cfg.positions == "rope":
+            self.rotary = Rotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        else:
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,13 +173,29 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        cos, sin = self.rotary(start, T, positions)
         x = self.tok_emb(idx)  # (B, T, D)
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(start, T, positions)
+        else:
+            assert self.pos_emb is not None
+            x = x + self.pos_emb(self._positions(start, T, positions, idx.device))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
+
+    def _positions(
+        self, start: int, T: int, positions: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        if positions is not None:
+            return positions
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
+        return torch.arange(start, start + T, device=device)
 
     def forward(
         self,

@@ -14,6 +14,7 @@ char it is a cap: specials + 256 byte tokens + the most frequent characters seen
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,10 +35,22 @@ SPECIAL_NAMES = tuple(t.removeprefix("<|").removesuffix("|>") for t in SPECIAL_T
 class Tokenizer:
     """A trained tokenizer: exact encode/decode with the specials at fixed ids 0..8."""
 
+    # The Jinja chat template of a tokenizer imported from Hugging Face; None means ours
+    # (tokenizers/chat.py), built from the role tokens.
+    chat_template: str | None = None
+
     def __init__(self, algo: str, tokenizer_json: str) -> None:
         """Wrap a serialized HF tokenizer; ValueError if it is not a valid lmforge one."""
+        self._wrap(algo, _get_algo(algo), tokenizer_json)
+        for i, tok in enumerate(SPECIAL_TOKENS):
+            if self._hf.token_to_id(tok) != i:
+                raise ValueError(f"special token {tok} must have id {i}")
+        self.special_ids: dict[str, int] = {name: i for i, name in enumerate(SPECIAL_NAMES)}
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id = range(5)
+
+    def _wrap(self, algo: str, spec: Algo, tokenizer_json: str) -> None:
         self.algo = algo
-        self._algo: Algo = _get_algo(algo)
+        self._algo: Algo = spec
         self._json = tokenizer_json
         self.fingerprint = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
         try:
@@ -48,14 +61,13 @@ class Tokenizer:
         # A second copy that treats special-token strings as text, for untrusted input.
         self._hf_plain.encode_special_tokens = True
         self.vocab_size: int = self._hf.get_vocab_size(with_added_tokens=True)
-        for i, tok in enumerate(SPECIAL_TOKENS):
-            if self._hf.token_to_id(tok) != i:
-                raise ValueError(f"special token {tok} must have id {i}")
-        self.special_ids: dict[str, int] = {name: i for i, name in enumerate(SPECIAL_NAMES)}
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id = range(5)
-        # One flag per id, for whole-word masking (a tensor lookup later).
-        self.word_starts: tuple[bool, ...] = tuple(
-            i < len(SPECIAL_TOKENS) or self._algo.is_word_start(self.id_to_token(i))
+
+    @functools.cached_property
+    def word_starts(self) -> tuple[bool, ...]:
+        """One flag per id, for whole-word masking (a tensor lookup later); specials start."""
+        specials = set(self.special_ids.values())
+        return tuple(
+            i in specials or self._algo.is_word_start(self.id_to_token(i))
             for i in range(self.vocab_size)
         )
 
@@ -137,11 +149,8 @@ class Tokenizer:
 
     # ---- the artefact
 
-    def save(self, out_dir: Path) -> None:
-        """Write tokenizer.json and tokenizer_meta.json into `out_dir` (created if needed)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {
+    def _meta(self) -> dict[str, object]:
+        return {
             "format": "lmforge-tokenizer",
             "format_version": FORMAT_VERSION,
             "algo": self.algo,
@@ -149,10 +158,74 @@ class Tokenizer:
             "special_ids": self.special_ids,
             "fingerprint": self.fingerprint,
         }
+
+    def save(self, out_dir: Path) -> None:
+        """Write tokenizer.json and tokenizer_meta.json into `out_dir` (created if needed)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = self._meta()
         # tokenizer.json first: a crash in between leaves a fingerprint mismatch, not a
         # silently different tokenizer.
         atomic_write_text(out_dir / TOKENIZER_FILE, self._json)
         atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+
+
+# Imported tokenizers keep their own text handling; word starts only matter to masked-LM
+# pretraining, which never uses them, so the common byte-level/SentencePiece marks serve.
+_IMPORTED = Algo(
+    train=lambda *_: _not_trainable(),
+    min_vocab=0,
+    min_vocab_why="",
+    is_word_start=lambda t: t.startswith(("Ġ", "▁", " ")),
+)
+IMPORTED_SPECIALS = ("bos", "eos", "pad", "end_of_turn")
+
+
+def _not_trainable() -> HFTokenizer:
+    raise UserError("an imported Hugging Face tokenizer cannot be trained")
+
+
+class ImportedTokenizer(Tokenizer):
+    """A Hugging Face model's own tokenizer: its ids, its special tokens and its chat template.
+
+    `specials` names the token strings playing our roles (IMPORTED_SPECIALS): bos, eos, pad and
+    end_of_turn, where an assistant turn ends and generation stops. Built by
+    `tokenizers.imported.load_hf_tokenizer`; saved and loaded like ours (algo "hf").
+    """
+
+    def __init__(self, tokenizer_json: str, specials: dict[str, str], chat_template: str) -> None:
+        self._wrap("hf", _IMPORTED, tokenizer_json)
+        ids = {}
+        for name in IMPORTED_SPECIALS:
+            token = specials.get(name)
+            i = self._hf.token_to_id(token) if isinstance(token, str) else None
+            if i is None:
+                raise ValueError(f"special token {name}={token!r} is not in the vocabulary")
+            ids[name] = i
+        self.specials = {name: specials[name] for name in IMPORTED_SPECIALS}
+        self.special_ids = ids
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        # No unknown or mask token: imported tokenizers serve decoder post-training only.
+        self.unk_id = self.mask_id = -1
+        self.chat_template = chat_template
+
+    def __repr__(self) -> str:
+        return f"ImportedTokenizer(vocab_size={self.vocab_size})"
+
+    @functools.cached_property
+    def added_special_ids(self) -> frozenset[int]:
+        """Ids of the tokenizer's added tokens marked special (<|im_end|>, <|eot_id|>, ...)."""
+        return frozenset(i for i, t in self._hf.get_added_tokens_decoder().items() if t.special)
+
+    def __reduce__(self) -> tuple[type[Tokenizer], tuple[str, dict[str, str], str]]:  # type: ignore[override]
+        return (ImportedTokenizer, (self._json, self.specials, self.chat_template or ""))
+
+    def _meta(self) -> dict[str, object]:
+        return {
+            **super()._meta(),
+            "special_tokens": self.specials,
+            "chat_template": self.chat_template,
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +323,7 @@ def load_tokenizer(path: str | Path, *, expected_vocab_size: int | None = None) 
             f"{where(meta_path, field='format_version')}: {meta['format_version']!r} is not "
             f"supported (this lmforge reads version {FORMAT_VERSION})"
         )
-    if meta["algo"] not in ALGOS:
+    if meta["algo"] not in ALGOS and meta["algo"] != "hf":
         raise UserError(
             f"{where(meta_path, field='algo')}: unknown algo {meta['algo']!r} "
             f"(known: {', '.join(ALGOS)})"
@@ -269,7 +342,13 @@ def load_tokenizer(path: str | Path, *, expected_vocab_size: int | None = None) 
             f"{META_FILE} ({str(meta['fingerprint'])[:12]}…): the file was changed or mixed up"
         )
     try:
-        tok = Tokenizer(meta["algo"], text)
+        if meta["algo"] == "hf":
+            for field in ("special_tokens", "chat_template"):
+                if not isinstance(meta.get(field), dict if field == "special_tokens" else str):
+                    raise UserError(f"{where(meta_path, field=field)}: missing or malformed")
+            tok: Tokenizer = ImportedTokenizer(text, meta["special_tokens"], meta["chat_template"])
+        else:
+            tok = Tokenizer(meta["algo"], text)
     except ValueError as e:
         raise UserError(f"{tok_path}: {e}") from None
     if tok.vocab_size != meta["vocab_size"]:
@@ -277,7 +356,14 @@ def load_tokenizer(path: str | Path, *, expected_vocab_size: int | None = None) 
             f"{where(meta_path, field='vocab_size')}: says {meta['vocab_size']} but "
             f"{TOKENIZER_FILE} has {tok.vocab_size} tokens"
         )
-    if expected_vocab_size is not None and tok.vocab_size != expected_vocab_size:
+    # Hugging Face models often pad their embedding past the tokenizer (Qwen2: to a multiple
+    # of 128); ids beyond the tokenizer are then never produced by encoding.
+    padded = (
+        tok.algo == "hf"
+        and expected_vocab_size is not None
+        and tok.vocab_size < expected_vocab_size
+    )
+    if expected_vocab_size is not None and tok.vocab_size != expected_vocab_size and not padded:
         raise UserError(
             f"{folder}: tokenizer has {tok.vocab_size} tokens but the model expects "
             f"{expected_vocab_size} (vocab sizes must match)"

@@ -36,7 +36,7 @@ from lmforge.models.decoder import Decoder
 from lmforge.models.reward import RewardModel
 from lmforge.runtime import seed_everything
 from lmforge.tokenizers import Tokenizer
-from lmforge.tokenizers.chat import JINJA_TEMPLATE
+from lmforge.tokenizers.chat import jinja_template
 from lmforge.training.checkpoint import load_model, load_reward_model
 from lmforge.training.diagnostics import DiagnosticsConfig, pathologies
 from lmforge.training.loop import epoch_order, setup_device
@@ -130,7 +130,7 @@ def policy_run_config(stage: str, objective: str, cfg: Any, s: RLStart) -> dict[
         "family": "decoder",
         "objective": objective,
         "base_model": cfg.policy,
-        "chat_template": JINJA_TEMPLATE,
+        "chat_template": jinja_template(s.tok),
         "run": to_dict(cfg),
         "model": to_dict(s.policy.cfg),
         "tokenizer_fingerprint": s.tok.fingerprint,

@@ -26,6 +26,7 @@ from lmforge.config import build
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir, atomic_write, atomic_write_json
 from lmforge.models import FAMILIES, Model
+from lmforge.models.hf import import_hf, is_hf_dir
 from lmforge.models.reward import RewardModel
 from lmforge.models.transformer import Transformer, TransformerConfig
 from lmforge.tokenizers import Tokenizer, load_tokenizer
@@ -196,7 +197,15 @@ def load_model(
     model_dir: Path, family: str | None = None, device: torch.device | str = "cpu"
 ) -> tuple[Model, Tokenizer, dict[str, Any]]:
     """A trained model, its tokenizer and its saved config from a model folder; with `family`,
-    a folder holding another family is refused."""
+    a folder holding another family is refused. A Hugging Face causal-LM folder (Llama, Qwen2,
+    GPT-2) loads as a decoder (`models.hf.import_hf`)."""
+    if is_hf_dir(model_dir):
+        if family not in (None, "decoder"):
+            raise UserError(
+                f"{model_dir}: holds a Hugging Face decoder; this command needs a {family}"
+            )
+        decoder, tok, config = import_hf(model_dir)
+        return decoder.to(device), tok, config
     config = read_config_json(model_dir)
     found = config.get("family")
     if found not in FAMILIES:

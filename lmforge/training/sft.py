@@ -43,7 +43,7 @@ from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.objectives.lm import IGNORE_INDEX, token_loss
 from lmforge.runtime import DTYPES, autocast, call, seed_everything, to_device
 from lmforge.tokenizers import Tokenizer
-from lmforge.tokenizers.chat import JINJA_TEMPLATE, Turn
+from lmforge.tokenizers.chat import Turn, jinja_template
 from lmforge.training.checkpoint import load_model, load_state, save_checkpoint
 from lmforge.training.loop import (
     Throughput,
@@ -201,7 +201,7 @@ def sft(
         "objective": "sft",
         "extra_vocab": base_config.get("extra_vocab", 0),
         "base_model": str(base),
-        "chat_template": JINJA_TEMPLATE,
+        "chat_template": jinja_template(tok),
         "run": to_dict(cfg),
         "model": to_dict(model.cfg),
         "tokenizer_fingerprint": tok.fingerprint,

@@ -14,7 +14,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def test_recipes_are_shipped() -> None:
     names = {p.stem for p in RECIPES.glob("*.toml")}
-    assert {"world", "smoke", "shakespeare_char", "gpt2_small", "byo"} <= names
+    assert {"world", "smoke", "shakespeare_char", "gpt2_small", "byo", "from_hf"} <= names
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
@@ -26,6 +26,10 @@ def test_every_recipe_loads(path: Path, tmp_path: Path) -> None:
         with pytest.raises(Exception, match="give at least one input"):
             load_recipe(path, tmp_path / "run")
         overrides = [f"pretrain.data.inputs={text}"]
+    if path.stem == "from_hf":  # takes the Hugging Face model folder as an argument
+        with pytest.raises(Exception, match="give the base model folder"):
+            load_recipe(path, tmp_path / "run")
+        overrides = [f"sft.model={tmp_path / 'hf'}"]
     recipe = load_recipe(path, tmp_path / "run", overrides)
     assert recipe.options.name == path.stem
     assert set(recipe.configs) == {s for s in recipe.options.stages if s != "report"}

@@ -218,3 +218,24 @@ def test_report_rebuilds_from_the_files(full: Path, capsys: pytest.CaptureFixtur
     assert after == before
     # A stage folder is not a run folder.
     assert "not an lmforge run folder" in fails(capsys, "report", str(full / "base"))
+
+
+def test_from_hf_recipe_runs_post_training_from_a_hugging_face_folder(tmp_path: Path) -> None:
+    """recipes/from_hf.toml, cut down: SFT, sampling, labels, reward model, DPO, evals and the
+    report, all from a tiny local Qwen2 folder with its own tokenizer and chat template."""
+    pytest.importorskip("transformers")
+    from tests.models.test_hf_import import make_hf_dir
+
+    hf = make_hf_dir(tmp_path / "hf", "qwen2")
+    out = tmp_path / "run"
+    stages = "stages=sft,sample,label,reward,dpo,eval,report"
+    argv = ["run", str(ROOT / "recipes" / "from_hf.toml"), "--out", str(out), "--quiet",
+            f"sft.model={hf}", stages, "sft.train.max_steps=10", "sample.limit=12"]  # fmt: skip
+    assert main(argv) == 0
+    for folder in ("sft", "rm", "dpo", "eval/sft", "eval/dpo"):
+        assert (out / folder / "metrics.jsonl").is_file(), folder
+    meta = json.loads((out / "sft" / "tokenizer" / "tokenizer_meta.json").read_text())
+    assert meta["algo"] == "hf" and meta["special_tokens"]["end_of_turn"] == "<|im_end|>"
+    report = (out / "report.md").read_text()
+    dpo_gold = final_row(out / "eval" / "dpo")["gold"]
+    assert f"| DPO | gold reward of samples, test prompts (0-1) | {fmt(dpo_gold)} |" in report
