@@ -18,6 +18,7 @@ import click
 import torch
 
 from lmforge import config as C
+from lmforge import distributed
 from lmforge.data.corpora import DataConfig, load_corpus, read_jsonl
 from lmforge.data.instruction import Message
 from lmforge.data.preference import Preference, load_preferences
@@ -58,6 +59,9 @@ from lmforge.training.sft import SFTConfig
 from lmforge.training.sft import sft as run_sft
 
 T = TypeVar("T")
+
+# Commands that share their work between the processes of `torchrun --nproc-per-node N`.
+TORCHRUN_COMMANDS = ("pretrain", "sft")
 
 
 def _options_epilog(cls: type) -> str:
@@ -112,8 +116,16 @@ def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="lmforge")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """lmforge: the whole LLM training workflow, from raw text to an aligned chat model."""
+    world = distributed.launched_world_size()
+    if world > 1 and ctx.invoked_subcommand not in TORCHRUN_COMMANDS:
+        # every process would do the whole job and write the same files
+        raise UserError(
+            f"WORLD_SIZE={world}: `lmforge {ctx.invoked_subcommand}` runs in one process; "
+            f"under torchrun run {' or '.join(TORCHRUN_COMMANDS)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +236,7 @@ def pretrain(
     cfg = _stage_config(PretrainConfig, out, config_file, overrides, resume)
     last = run_pretrain(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     keys = ("step", "loss", "val_loss", "val_acc", "val_bpb", "tokens_per_s")
-    click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+    distributed.print0(json.dumps({k: last[k] for k in keys if k in last}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +268,7 @@ def sft(
     cfg = _stage_config(SFTConfig, out, config_file, overrides, resume, model_dir, data)
     last = run_sft(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     keys = ("step", "loss", "val_loss", "val_em", "val_stop_rate", "tokens_per_s")
-    click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+    distributed.print0(json.dumps({k: last[k] for k in keys if k in last}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prog_name="lmforge",
             standalone_mode=False,
         )
+        distributed.shutdown()  # after a failure the process just exits: a peer may be gone
         return rv if isinstance(rv, int) else 0
     except UserError as e:
         _fail(str(e))

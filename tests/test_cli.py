@@ -186,11 +186,16 @@ def test_bare_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "pretrain" in capsys.readouterr().out
 
 
-def test_multi_process_launch_is_refused_for_now(
+def test_multi_process_launch_needs_torchrun_and_a_stage_that_shares_its_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert "multi-process training is not supported" in pretrain_fails(capsys, tmp_path / "r")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert "start multi-process runs with torchrun" in pretrain_fails(capsys, tmp_path / "r")
+    err = fails(capsys, "reward", "--out", str(tmp_path / "rm"))
+    assert "WORLD_SIZE=2" in err and "pretrain or sft" in err
+    assert not (tmp_path / "rm").exists()
 
 
 def test_fill_mask_shows_candidates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

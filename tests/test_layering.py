@@ -1,5 +1,6 @@
-"""Imports point one way: config/runtime -> tokenizers -> models -> data -> objectives ->
-generation -> evaluation -> training -> pipeline -> cli. An import from a higher layer fails."""
+"""Imports point one way: config/runtime/distributed -> tokenizers -> models -> data ->
+objectives -> generation -> evaluation -> training -> pipeline -> cli. An import from a higher
+layer fails."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import lmforge
 
 ROOT = Path(lmforge.__file__).parent
 LAYERS = {
-    "errors": 0, "io": 0, "config": 0, "runtime": 0,
+    "errors": 0, "io": 0, "config": 0, "runtime": 0, "distributed": 0,
     "tokenizers": 1, "models": 2, "data": 3, "objectives": 4, "generation": 5,
     "evaluation": 6, "feedback": 6, "training": 7, "pipeline": 8, "cli": 9, "__main__": 9,
 }  # fmt: skip

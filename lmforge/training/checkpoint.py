@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_into_module
 
+from lmforge import distributed
 from lmforge.config import build
 from lmforge.errors import UserError
 from lmforge.io import atomic_dir, atomic_write, atomic_write_json
@@ -123,7 +124,10 @@ def save_checkpoint(
     dtype: torch.dtype,
     keep: int,
 ) -> None:
-    """Resume state for `step` and the model folder beside it: what every stage saves."""
+    """Resume state for `step` and the model folder beside it: what every stage saves. Under
+    torchrun rank 0 alone writes them (every rank holds the same weights)."""
+    if not distributed.is_main():
+        return
     meta = {"stage": run_config["stage"], "autocast": str(dtype).removeprefix("torch.")}
     save_state(out, step, model, optimizer, meta, keep=keep)
     save_model_dir(out, model, {**run_config, "step": step})

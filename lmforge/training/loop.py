@@ -7,7 +7,6 @@ here is only what would otherwise be copied between them.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,8 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.config import check, opt
+from lmforge.distributed import ALL_ROWS, DistConfig
 from lmforge.errors import UserError
+from lmforge.objectives.lm import IGNORE_INDEX
 from lmforge.runtime import Batch, autocast, autocast_dtype, call, resolve_device, to_device
 from lmforge.training.trackers import TRACKERS, unknown_tracker
 
@@ -44,6 +46,7 @@ class TrainConfig:
     trackers: tuple[str, ...] = opt(
         (), "extra metric sinks besides metrics.jsonl: tensorboard, wandb"
     )
+    dist: DistConfig = opt(DistConfig(), "multi-process runs under torchrun")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every"):
@@ -58,14 +61,20 @@ class TrainConfig:
         check(len(set(self.trackers)) == len(self.trackers), "trackers", "names a tracker twice")
 
 
-def setup_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        # Each process would train the whole run and write the same files; refuse until the
-        # distributed module (DDP/FSDP) exists.
+def setup_device(
+    cfg: TrainConfig, *, multi_process: bool = False
+) -> tuple[torch.device, torch.dtype]:
+    """This process's device and autocast dtype; under torchrun, also join the process group.
+
+    A stage passes `multi_process=True` once it shares each step's batch between ranks and
+    writes files from rank 0 only; any other stage refuses to run under torchrun, where every
+    process would train the whole run and write the same files.
+    """
+    world = distributed.launched_world_size()
+    if world > 1 and not multi_process:
         raise UserError(
-            f"WORLD_SIZE={world}: multi-process training is not supported yet; "
-            "run one process (torchrun --nproc-per-node 1 works)"
+            f"WORLD_SIZE={world}: this stage runs in one process only (pretrain and sft run "
+            "under torchrun); start it without torchrun or with --nproc-per-node 1"
         )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -75,6 +84,7 @@ def setup_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
         raise UserError(f"train.device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: CUDA requested but not available")
+    device = distributed.init(cfg.dist, device)
     return device, autocast_dtype(cfg.dtype, device)
 
 
@@ -90,22 +100,42 @@ def train_step(
     grad_clip: float,
     step: int,
     forward: Callable[..., torch.Tensor] | None = None,
+    rows: slice = ALL_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `n_micro` micro-batches; returns (mean loss, grad norm).
+    """One optimizer step; returns (mean loss over the step's whole batch, grad norm).
 
-    `forward` is the (possibly compiled) callable used for the forward pass; `model` owns the
-    parameters. The non-finite check runs before `optimizer.step`, so a NaN never reaches
-    the weights.
+    `n_micro` is the step's micro-batches (train.grad_accum). In one process `micro_batches`
+    are all of them; under torchrun, this rank's whole micro-batches of `distributed.Share`,
+    of which it trains `rows`. `model` owns the parameters (wrapped by `distributed.wrap`:
+    gradients are averaged over ranks at the last micro-step); `forward` is the (possibly
+    compiled) callable for the forward pass. The loss and gradient equal one process's for any
+    number of ranks; for that, `loss_fn` must be a mean over the targets that are not
+    IGNORE_INDEX (as `token_loss` is). The non-finite check runs before `optimizer.step`, so a
+    NaN never reaches the weights.
     """
     forward = model if forward is None else forward
+    batches = list(micro_batches)
+    # DDP averages gradients over ranks, so each rank's loss carries its micro-batches' share
+    # of the step: with W ranks, its own mean losses divided by n_micro / W.
+    per_rank = n_micro / distributed.world_size()
     loss_sum = torch.zeros((), device=device)
-    for x, y in micro_batches:
+    for i, (x, y) in enumerate(batches):
+        weight = None
+        if rows != ALL_ROWS:
+            x, y, weight = _take_rows(x, y, rows)
         x, y = to_device(x, device), y.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            out = call(forward, x)
-        loss = loss_fn(out, y) / n_micro
-        loss.backward()
+        with distributed.no_sync(model, sync=i == len(batches) - 1):
+            with autocast(device, dtype):
+                out = call(forward, x)
+            loss = loss_fn(out, y)
+            if weight is not None:
+                # this rank's mean weighed by its share of the micro-batch's targets; with no
+                # target it still joins the gradient all-reduce, adding zero
+                loss = loss * weight if weight > 0 else out.sum() * 0.0
+            loss = loss / per_rank
+            loss.backward()
         loss_sum += loss.detach()
+    loss_sum = distributed.mean(loss_sum)
     # clip_grad_norm_ with an infinite bound measures the norm without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     check_finite(loss_sum, step, "loss")
@@ -113,6 +143,17 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def _take_rows(x: Batch, y: torch.Tensor, rows: slice) -> tuple[Batch, torch.Tensor, float]:
+    """Rows `rows` of a micro-batch (every input has the batch first) and the share of the
+    micro-batch's targets they hold."""
+    part = y[rows]
+    total = int((y != IGNORE_INDEX).sum())
+    weight = int((part != IGNORE_INDEX).sum()) / max(total, 1)
+    if isinstance(x, tuple):
+        return tuple(t[rows] for t in x), part, weight
+    return x[rows], part, weight
 
 
 def check_finite(value: torch.Tensor, step: int, what: str) -> None:

@@ -8,10 +8,12 @@ Each row is also mirrored to the dashboards named in `train.trackers` (see track
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from lmforge import distributed
 from lmforge.io import atomic_write_jsonl
 from lmforge.models.transformer import TransformerConfig
 from lmforge.training.trackers import Tracker, open_trackers
@@ -50,7 +52,10 @@ def open_metrics(
     out: Path, resume_step: int | None, trackers: Sequence[str], config: dict[str, Any]
 ) -> MetricsWriter:
     """The run's metrics.jsonl, mirrored to the trackers named in `train.trackers`; `config`
-    is the run_config.json the trackers record."""
+    is the run_config.json the trackers record. Under torchrun only rank 0 writes them; the
+    others log into the void (their rows are the same: logged numbers are reduced over ranks)."""
+    if not distributed.is_main():
+        return MetricsWriter(Path(os.devnull))
     opened = open_trackers(trackers, out, config, resume_step)
     return MetricsWriter(out / "metrics.jsonl", resume_step, opened)
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.config import check, opt, to_dict
 from lmforge.data.corpora import Corpus, DataConfig, load_corpus
 from lmforge.data.masking import MaskingConfig, mask_tokens
@@ -210,11 +211,15 @@ def pretrain(
         check_resume_config(to_dict(cfg), out)
     if not cfg.tokenizer.path and state is None:
         check_vocab_size(cfg.tokenizer.algo, cfg.tokenizer.vocab_size)  # before reading text
+    device, dtype = setup_device(cfg.train, multi_process=True)
+    world, rank = distributed.world_size(), distributed.rank()
+    share = distributed.batch_share(cfg.train.batch_size, cfg.train.grad_accum, world, rank)
+    progress = progress and distributed.is_main()
     corpus = load_corpus(cfg.data)
-    tokenizer = build_tokenizer(cfg, corpus, out if resume else None, progress)
-    data = build_shards(corpus, tokenizer, cfg.data.cache_dir, progress)
+    with distributed.main_first():
+        tokenizer = build_tokenizer(cfg, corpus, out if resume else None, progress)
+        data = build_shards(corpus, tokenizer, cfg.data.cache_dir, progress)
     model_cfg = resolve_model_config(cfg.model, tokenizer, cfg.n_sentinels)
-    device, dtype = setup_device(cfg.train)
     seed_everything(cfg.train.seed)
     model = FAMILIES[cfg.arch](model_cfg).to(device)
     objective = cfg.resolved_objective
@@ -223,7 +228,8 @@ def pretrain(
     block = cfg.raw_block_size
     sampler = BlockSampler(data.train.tokens, block, cfg.train.seed)
     eval_blocks(data.val.tokens, block, cfg.train.eval_blocks)  # fail now, not at eval
-    fwd = torch.compile(model) if cfg.train.compile else model
+    ddp = distributed.wrap(model, device)  # the model itself in one process
+    fwd = torch.compile(ddp) if cfg.train.compile else ddp
     run_config: dict[str, Any] = {
         "stage": "pretrain",
         "family": cfg.arch,
@@ -240,9 +246,11 @@ def pretrain(
             saved = load_state(state, model, optimizer)
             start = saved["step"]
             dtype = DTYPES[saved["autocast"]]  # the measured choice stays fixed for exact resume
-        else:
-            tokenizer.save(out / "tokenizer")
-        atomic_write_json(out / "run_config.json", run_config)
+        distributed.agree(start, "the step to resume from")
+        if distributed.is_main():
+            if state is None:
+                tokenizer.save(out / "tokenizer")
+            atomic_write_json(out / "run_config.json", run_config)
         metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
         flops_per_token = decoder_flops_per_token(model_cfg, cfg.block_size)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * block
@@ -269,7 +277,9 @@ def pretrain(
         print_summary(model, cfg, data.reused, dtype, device, start, progress)
         if start >= cfg.train.max_steps:
             metrics.close()
-            tqdm.write(f"{out}: already complete at step {start} (raise train.max_steps to extend)")
+            distributed.print0(
+                f"{out}: already complete at step {start} (raise train.max_steps to extend)"
+            )
             return final_row(out)
 
         bar = step_bar("pretrain", cfg.train.max_steps, start, progress)
@@ -282,11 +292,11 @@ def pretrain(
             set_lr(optimizer, lr, cfg.optim.lr)
             accum = cfg.train.grad_accum
             loss, grad_norm = train_step(
-                model,
+                ddp,
                 optimizer,
                 (
                     transform(*sampler.batch(first, cfg.train.batch_size), first)
-                    for first in ((step * accum + m) * cfg.train.batch_size for m in range(accum))
+                    for first in ((step * accum + m) * cfg.train.batch_size for m in share.micro)
                 ),
                 token_loss,
                 n_micro=accum,
@@ -295,14 +305,15 @@ def pretrain(
                 grad_clip=cfg.optim.grad_clip,
                 step=step + 1,
                 forward=fwd,
+                rows=share.rows,
             )
-            meter.add(tokens_per_step)
+            meter.add(tokens_per_step // world)  # this rank's share
 
             done = step + 1
             bar.update(1)
             row: dict[str, Any] = {}
             if due(done, cfg.train.log_every, cfg.train.max_steps):
-                tps = meter.rate()
+                (tps,) = distributed.all_sum(meter.rate())
                 row = {
                     "step": done,
                     "loss": loss.item(),
@@ -310,12 +321,13 @@ def pretrain(
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tps,
                     "tokens": done * tokens_per_step,
-                    "mfu": tps * flops_per_token / _peak_flops(device),
+                    "mfu": tps * flops_per_token / (_peak_flops(device) * world),
                     "elapsed_s": time.perf_counter() - t_start,
                 }
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
             t_pause = time.perf_counter()
             if due(done, cfg.train.eval_every, cfg.train.max_steps):
+                # every rank evaluates the same blocks, so none waits on rank 0 in the next step
                 row.setdefault("step", done)
                 row.update(
                     held_out_metrics(

@@ -4,6 +4,8 @@
   requires a folder with a complete checkpoint.
 - The folder is created only after all input has been validated (the caller's job), and if a
   fresh run fails before its first checkpoint, what it wrote is removed again.
+- Under torchrun, rank 0 alone creates, cleans up and writes the folder, and every rank leaves
+  the stage only once rank 0's files are complete.
 - A resumed run keeps its saved config (`run_config.json`, key "run"): only its length and
   bookkeeping (`RESUMABLE`) may change, or it would be a different experiment from the one its
   checkpoint belongs to.
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lmforge import distributed
 from lmforge.config import load
 from lmforge.errors import UserError
 from lmforge.training.checkpoint import latest_state
@@ -56,14 +59,16 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
 @contextmanager
 def run_dir(out: Path, *, fresh: bool, overwrite: bool) -> Iterator[Path]:
     """Create (or reuse, when resuming) the run folder; clean up a fresh one on failure."""
-    if fresh and overwrite and out.exists():
+    main = distributed.is_main()
+    if main and fresh and overwrite and out.exists():
         shutil.rmtree(out)
-    created = fresh and not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = main and fresh and not out.exists()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     try:
         yield out
     except BaseException:
-        if fresh and latest_state(out) is None:
+        if main and fresh and latest_state(out) is None:
             # check_run_dir let a fresh run in only if `out` was missing or empty, so
             # everything in it now is this run's and goes.
             if created:
@@ -72,6 +77,7 @@ def run_dir(out: Path, *, fresh: bool, overwrite: bool) -> Iterator[Path]:
                 for child in out.iterdir():
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
+    distributed.barrier()
 
 
 # Options that may change when a run is continued, in every training stage.
@@ -83,6 +89,7 @@ RESUMABLE = (
     "train.ckpt_every",
     "train.keep_checkpoints",
     "train.trackers",  # they only mirror metrics.jsonl
+    "train.dist.timeout_s",
 )
 
 

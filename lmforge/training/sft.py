@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.config import check, opt, to_dict
 from lmforge.data.instruction import Message, hold_out_tail, load_instructions
 from lmforge.data.sft_batches import (
@@ -176,7 +177,10 @@ def sft(
     if base.resolve() == out.resolve():
         raise UserError(f"model: {base} is the output folder; write the SFT model elsewhere")
     data = load_sft_data(cfg)
-    device, dtype = setup_device(cfg.train)
+    device, dtype = setup_device(cfg.train, multi_process=True)
+    world, rank = distributed.world_size(), distributed.rank()
+    share = distributed.batch_share(cfg.train.batch_size, cfg.train.grad_accum, world, rank)
+    progress = progress and distributed.is_main()
     model, tok, base_config = load_model(base)
     if base_config["family"] == "encoder":
         raise UserError(f"model: {base} is an encoder; SFT needs a decoder or encoder-decoder")
@@ -194,7 +198,8 @@ def sft(
     val_rows = _val_rows(val_ex, block, layout, cfg.train.eval_blocks)
     eval_set = _eval_examples(cfg) if data.world and cfg.eval_prompts else []
     optimizer = build_optimizer(model, cfg.optim)
-    fwd = model_forward(torch.compile(model) if cfg.train.compile else model, layout)
+    ddp = distributed.wrap(model, device)  # the model itself in one process
+    fwd = model_forward(torch.compile(ddp) if cfg.train.compile else ddp, layout)
     run_config: dict[str, Any] = {
         "stage": "sft",
         "family": base_config["family"],
@@ -213,9 +218,11 @@ def sft(
             saved = load_state(state, model, optimizer)
             start = saved["step"]
             dtype = DTYPES[saved["autocast"]]
-        else:
-            tok.save(out / "tokenizer")
-        atomic_write_json(out / "run_config.json", run_config)
+        distributed.agree(start, "the step to resume from")
+        if distributed.is_main():
+            if state is None:
+                tok.save(out / "tokenizer")
+            atomic_write_json(out / "run_config.json", run_config)
         metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
         if state is None:
             metrics.log(
@@ -240,7 +247,9 @@ def sft(
             )
         if start >= cfg.train.max_steps:
             metrics.close()
-            tqdm.write(f"{out}: already complete at step {start} (raise train.max_steps to extend)")
+            distributed.print0(
+                f"{out}: already complete at step {start} (raise train.max_steps to extend)"
+            )
             return final_row(out)
 
         bar = step_bar("sft", cfg.train.max_steps, start, progress)
@@ -252,14 +261,15 @@ def sft(
             lr = lr_at(step, cfg.train.max_steps, cfg.optim)
             set_lr(optimizer, lr, cfg.optim.lr)
             first = step * rows_per_step
-            micro, real, width = [], 0, 0
-            for m in range(cfg.train.grad_accum):
+            micro, real, width = [], 0, 0  # this rank's rows: their example tokens and slots
+            for m in share.micro:
                 rows = sampler.rows(first + m * cfg.train.batch_size, cfg.train.batch_size)
                 x, y = collate(train_ex, rows, layout, block)
                 micro.append((x, y))
-                real, width = real + train_ex.slots_in(rows), width + y.numel()
+                real += train_ex.slots_in(rows[share.rows])
+                width += y[share.rows].numel()
             loss, grad_norm = train_step(
-                model,
+                ddp,
                 optimizer,
                 micro,
                 token_loss,
@@ -269,6 +279,7 @@ def sft(
                 grad_clip=cfg.optim.grad_clip,
                 step=step + 1,
                 forward=fwd,
+                rows=share.rows,
             )
             meter.add(real)
 
@@ -276,20 +287,21 @@ def sft(
             bar.update(1)
             row: dict[str, Any] = {}
             if due(done, cfg.train.log_every, cfg.train.max_steps):
-                tps = meter.rate()
+                tps, real_all, width_all = distributed.all_sum(meter.rate(), real, width)
                 row = {
                     "step": done,
                     "loss": loss.item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tps,
-                    "padding": 1 - real / width,
+                    "padding": 1 - real_all / width_all,
                     "epoch": sampler.epoch_of(first + rows_per_step),
                     "elapsed_s": time.perf_counter() - t_start,
                 }
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
             t_pause = time.perf_counter()
             if due(done, cfg.train.eval_every, cfg.train.max_steps):
+                # every rank evaluates the same rows, so none waits on rank 0 in the next step
                 row.setdefault("step", done)
                 row["val_loss"] = val_loss(
                     model, fwd, val_ex, val_rows, layout, block, device, dtype

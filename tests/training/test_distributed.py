@@ -1,0 +1,243 @@
+"""torchrun with DDP on 2 CPU processes (gloo): the same losses as 1 process with the same global
+batch, one writer of the run folder, checkpoints that resume with another world size, and a
+failing or hung rank that ends the whole job instead of leaving the others waiting.
+
+Each multi-process run costs a few seconds of start-up (every process imports torch), so the
+runs are few and tiny, and shared by the tests through module fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lmforge import config as C
+from lmforge.distributed import ALL_ROWS, batch_share
+from lmforge.errors import UserError
+from lmforge.training.metrics import read_metrics
+from lmforge.training.pretrain import PretrainConfig, pretrain, resume_config
+from lmforge.training.sft import SFTConfig, sft
+from tests.conftest import TINY_PRETRAIN, TINY_SFT
+
+# fp32 and no dropout: two processes must then reproduce one process's arithmetic to ~1e-7.
+# grad_accum=2 gives each of the 2 ranks one whole micro-batch per step.
+PRETRAIN = (
+    *TINY_PRETRAIN,
+    "train.dtype=float32",
+    "train.max_steps=8",
+    "train.eval_every=4",
+    "train.ckpt_every=4",
+    "train.grad_accum=2",
+    "train.dist.timeout_s=60",
+)
+# grad_accum=1: each rank takes half the rows of every micro-batch. Packed SFT rows hold
+# different numbers of reply tokens, so each rank's loss must be weighed by its share of them.
+SFT = (*TINY_SFT, "train.dtype=float32", "train.max_steps=8", "train.eval_every=4")
+SFT_NO_GENERATION = ("eval_prompts=0",)  # exact-match eval samples text: slow, and not at stake
+TOLERANCE = 1e-5
+
+
+def _env(**extra: str) -> dict[str, str]:
+    root = str(Path(__file__).parents[2])
+    return {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(*argv: str) -> None:
+    """`torchrun --standalone --nproc-per-node 2 -m lmforge ARGV --quiet`, as a user types it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*cmd, "-m", "lmforge", *argv, "--quiet"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def start_ranks(*argv: str) -> list[subprocess.Popen[str]]:
+    """`python ARGV` as ranks 0 and 1 of one job, with the environment torchrun would give
+    them but no torchrun agent: a test of failures needs the ranks to stop on their own (the
+    agent would stop the survivors itself), and the others save the agent's start-up."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [
+        subprocess.Popen(
+            [sys.executable, *argv],
+            env=_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+
+
+def rows(out: Path) -> dict[int, dict]:
+    """Training rows of a metrics file by step; a step logged twice (by two ranks) fails."""
+    logged = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in logged]
+    assert len(steps) == len(set(steps)), f"steps logged more than once: {steps}"
+    return {r["step"]: r for r in logged}
+
+
+def assert_same_run(a: Path, b: Path, steps: range, keys: tuple[str, ...]) -> None:
+    ra, rb = rows(a), rows(b)
+    assert sorted(ra) == sorted(rb) == list(steps)
+    for step in steps:
+        for key in keys:
+            if key in ra[step] or key in rb[step]:
+                assert ra[step][key] == pytest.approx(rb[step][key], abs=TOLERANCE), (step, key)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "one"
+    pretrain(C.load(PretrainConfig, None, PRETRAIN), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(one_process: Path) -> Path:
+    out = one_process.parent / "two"
+    torchrun("pretrain", "--out", str(out), *PRETRAIN)
+    return out
+
+
+def test_two_processes_pretrain_like_one_with_the_same_global_batch(
+    one_process: Path, two_processes: Path
+) -> None:
+    assert_same_run(one_process, two_processes, range(1, 9), ("loss", "grad_norm", "val_loss"))
+    assert rows(two_processes)[8]["tokens"] == rows(one_process)[8]["tokens"] == 8 * 16 * 64
+    one = load_file(str(one_process / "model.safetensors"))
+    two = load_file(str(two_processes / "model.safetensors"))
+    assert one.keys() == two.keys()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < TOLERANCE
+    states = sorted(p.name for p in (two_processes / "state").iterdir())
+    assert states == ["step_00000004", "step_00000008"]
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(
+    one_process: Path, two_processes: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "resumed"
+    shutil.copytree(two_processes, out)
+    shutil.rmtree(out / "state" / "step_00000008")  # as if the job had died after step 4
+    pretrain(resume_config(out), out, resume=True, progress=False)
+    assert (out / "state" / "step_00000008").is_dir()  # trained again from step 4
+    assert_same_run(one_process, out, range(1, 9), ("loss", "grad_norm", "val_loss"))
+
+
+def test_two_processes_fine_tune_like_one(two_processes: Path, tmp_path: Path) -> None:
+    args = [f"model={two_processes}", *SFT, *SFT_NO_GENERATION]  # a 2-process base model
+    sft(C.load(SFTConfig, None, args), tmp_path / "one", progress=False)
+    ranks = start_ranks("-m", "lmforge", "sft", "--quiet", "--out", str(tmp_path / "two"), *args)
+    errors = [p.communicate(timeout=180)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    keys = ("loss", "grad_norm", "val_loss", "padding")
+    assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 9), keys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["encoder", "encoder-decoder"])
+def test_the_other_families_pretrain_like_one_process(arch: str, tmp_path: Path) -> None:
+    # grad_accum=1: ranks split every micro-batch's rows; masked tokens differ per row
+    args = [*PRETRAIN, "train.grad_accum=1", f"arch={arch}"]
+    pretrain(C.load(PretrainConfig, None, args), tmp_path / "one", progress=False)
+    torchrun("pretrain", "--out", str(tmp_path / "two"), *args)
+    assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 9), ("loss", "val_loss"))
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "grad_accum", "world"), [(8, 1, 1), (8, 4, 2), (8, 2, 4), (6, 3, 3), (4, 1, 4)]
+)
+def test_batch_share_covers_every_row_of_a_step_exactly_once(
+    batch_size: int, grad_accum: int, world: int
+) -> None:
+    shares = [batch_share(batch_size, grad_accum, world, r) for r in range(world)]
+    taken = [
+        (m, row)
+        for s in shares
+        for m in s.micro
+        for row in range(batch_size)[s.rows]  # rows of micro-batch m this rank trains
+    ]
+    assert sorted(taken) == [(m, r) for m in range(grad_accum) for r in range(batch_size)]
+    if grad_accum % world == 0:  # whole micro-batches: each rank keeps the configured size
+        assert all(s.rows == ALL_ROWS and len(s.micro) == grad_accum // world for s in shares)
+
+
+def test_a_batch_that_cannot_be_shared_is_refused() -> None:
+    with pytest.raises(UserError, match="cannot be split over 4 processes"):
+        batch_share(6, 3, 4, 0)
+
+
+# Rank 1 of a 2-process pretraining run fails in its second step: it raises, or hangs.
+FAULTY_RANK = """
+import os, sys, time
+import lmforge.training.pretrain as stage
+from lmforge.cli import main
+
+real, calls = stage.token_loss, [0]
+
+def token_loss(logits, targets):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:
+        if sys.argv[1] == "hang":
+            time.sleep(600)
+        raise RuntimeError("injected fault in rank 1")
+    return real(logits, targets)
+
+stage.token_loss = token_loss
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def start_faulty_ranks(fault: str, out: Path, timeout_s: int) -> list[subprocess.Popen[str]]:
+    args = [*TINY_PRETRAIN, "train.grad_accum=2", f"train.dist.timeout_s={timeout_s}"]
+    return start_ranks("-c", FAULTY_RANK, fault, "pretrain", "--quiet", "--out", str(out), *args)
+
+
+def test_a_rank_raising_mid_step_ends_every_rank_promptly(
+    one_process: Path, tmp_path: Path
+) -> None:
+    # one_process: the tokenizer and token shards are cached, so the ranks start training fast
+    out = tmp_path / "run"
+    ranks = start_faulty_ranks("raise", out, timeout_s=120)
+    t0 = time.monotonic()
+    errors = [p.communicate(timeout=60)[1] for p in ranks]
+    # far below the 120 s timeout: the survivor learns of the failure from the closed
+    # connection, not by waiting the timeout out
+    assert time.monotonic() - t0 < 40
+    assert ranks[1].returncode != 0 and "injected fault in rank 1" in errors[1]
+    assert ranks[0].returncode != 0 and "injected fault" not in errors[0], errors[0][-2000:]
+    assert not out.exists()  # a fresh run that failed before its first checkpoint is removed
+
+
+def test_a_hung_rank_fails_the_job_after_the_collective_timeout(
+    one_process: Path, tmp_path: Path
+) -> None:
+    ranks = start_faulty_ranks("hang", tmp_path / "run", timeout_s=2)
+    try:
+        _, err = ranks[0].communicate(timeout=60)
+        assert ranks[0].returncode != 0
+        assert "timed out" in err.lower(), err[-2000:]
+        assert ranks[1].poll() is None  # still asleep: rank 0 gave up on it
+    finally:
+        for p in ranks:
+            p.kill()
+            p.communicate()
