@@ -77,7 +77,8 @@ SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
     "reward": (RewardConfig, {}),
     "ppo": (PPOConfig, {}),
     "dpo": (DPOConfig, {}),
-    "grpo": (GRPOConfig, {}),
+    # GRPO on PPO's footing: the reward model's score (the command defaults to the checker).
+    "grpo": (GRPOConfig, {"reward": "model"}),
     "best_of_n": (BestOfNConfig, {"limit": 50}),
     "eval": (EvalConfig, {"samples": 4, "limit": 50}),
 }  # fmt: skip
@@ -135,7 +136,7 @@ def load_recipe(
         "dpo": {"policy": ("sft", policy), "data": ("label", prefs),
                 "val_data": ("label", val_prefs if world_val else []),
                 "reward_model": ("reward", out("reward"))},
-        "grpo": {"policy": ("sft", policy)},
+        "grpo": {"policy": ("sft", policy), "reward_model": ("reward", out("reward"))},
         "best_of_n": {"policy": ("sft", policy), "reward_model": ("reward", out("reward"))},
     }  # fmt: skip
     if "sample" in on and not policy:
@@ -157,6 +158,8 @@ def load_recipe(
         else:
             section, stage_deps = _section(raw, stage, shared), []
             for field, (producer, value) in links.get(stage, {}).items():
+                if stage == "grpo" and field == "reward_model" and not _grpo_uses_rm(section):
+                    continue  # checker or gold reward: no reward model to wait for
                 if section.get(field) in (None, "", [], ()) and producer in on:
                     section[field] = value
                     stage_deps.append(producer)
@@ -184,3 +187,7 @@ def _section(raw: dict[str, Any], stage: str, shared: dict[str, Any]) -> dict[st
         own = section.get("tasks", {})
         section["tasks"] = C.merge(shared, own) if isinstance(own, dict) else own
     return section
+
+
+def _grpo_uses_rm(section: dict[str, Any]) -> bool:
+    return C.merge(SECTIONS["grpo"][1], section).get("reward") == "model"
