@@ -32,6 +32,7 @@ import json
 import os
 import secrets
 import socket
+import socketserver
 import sys
 import threading
 import webbrowser
@@ -408,6 +409,11 @@ class RankingServer:
             fd=sock.fileno(),
         )
         sock.close()  # the server holds its own duplicate of the socket
+        # Ctrl-C must not wait for idle keep-alive connections (a browser tab left open): a
+        # judgment is acknowledged only once fsynced, and a torn last line is ignored on restart.
+        assert isinstance(self._server, socketserver.ThreadingMixIn)
+        self._server.daemon_threads = True
+        self._server.block_on_close = False
         url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         url_host = f"[{url_host}]" if ":" in url_host else url_host
         self.url = f"http://{url_host}:{self.port}/?token={self.token}"
