@@ -31,6 +31,7 @@ import ipaddress
 import json
 import os
 import secrets
+import signal
 import socket
 import socketserver
 import sys
@@ -455,6 +456,10 @@ def serve(
     """Serve the ranking page for `responses` (responses.jsonl), appending judgments to `out`,
     until Ctrl-C. Prints the page's URL, which carries the session token."""
     server = RankingServer(responses, out, host=host, port=port, allow_remote=allow_remote)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops the server even when started with SIGINT ignored (a background job of
+        # a non-interactive shell inherits that, and Python then never raises KeyboardInterrupt).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         state = server.app.progress()
         if server.log.torn:
