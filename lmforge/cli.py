@@ -61,7 +61,7 @@ from lmforge.training.sft import sft as run_sft
 T = TypeVar("T")
 
 # Commands that share their work between the processes of `torchrun --nproc-per-node N`.
-TORCHRUN_COMMANDS = ("pretrain", "sft")
+TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "dpo")  # `reward score` excepted
 
 
 def _options_epilog(cls: type) -> str:
@@ -124,8 +124,12 @@ def cli(ctx: click.Context) -> None:
         # every process would do the whole job and write the same files
         raise UserError(
             f"WORLD_SIZE={world}: `lmforge {ctx.invoked_subcommand}` runs in one process; "
-            f"under torchrun run {' or '.join(TORCHRUN_COMMANDS)}"
+            f"under torchrun run {_torchrun_commands()}"
         )
+
+
+def _torchrun_commands() -> str:
+    return ", ".join(TORCHRUN_COMMANDS[:-1]) + f" or {TORCHRUN_COMMANDS[-1]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +420,7 @@ def reward_train(
         "test_correct_over_wrong",
         "pairs_per_s",
     )
-    click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+    distributed.print0(json.dumps({k: last[k] for k in keys if k in last}))
 
 
 @reward.command("score")
@@ -428,6 +432,12 @@ def reward_score(
     model_dir: Path, data: tuple[str, ...], prompt: str | None, responses: tuple[str, ...]
 ) -> None:
     """Score responses with a reward model, or measure its accuracy on preference pairs."""
+    world = distributed.launched_world_size()
+    if world > 1:
+        raise UserError(
+            f"WORLD_SIZE={world}: `lmforge reward score` runs in one process; under torchrun "
+            f"run {_torchrun_commands()}"
+        )
     model, tok, _ = load_reward_model(model_dir)
     block = model.cfg.max_seq_len
     if data:
@@ -454,7 +464,7 @@ def _policy_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _show(last: dict[str, Any], keys: Sequence[str]) -> None:
-    click.echo(json.dumps({k: last[k] for k in keys if k in last}))
+    distributed.print0(json.dumps({k: last[k] for k in keys if k in last}))
 
 
 ALIGN_KEYS = ("step", "score", "kl", "val_gold", "val_em", "val_rm_score", "val_kl")

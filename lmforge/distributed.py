@@ -138,18 +138,24 @@ def main_first() -> Iterator[None]:
 # Models and gradients
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def wrap(
+    model: torch.nn.Module, device: torch.device, *, unused_params: bool = False
+) -> torch.nn.Module:
     """The module to run the training forward through: DDP under torchrun, else `model`.
 
     Parameters stay those of `model` (so its optimizer, checkpoints and evaluation use it
     directly); DDP only adds the gradient all-reduce. Our buffers (rotary tables) are constants,
-    so they are not re-broadcast before every forward.
+    so they are not re-broadcast before every forward. `unused_params`: some trainable
+    parameters get no gradient (DDP then searches the graph for them after each forward,
+    instead of waiting for their gradients forever).
     """
     if not dist.is_initialized():
         return model
     ids = [device.index] if device.type == "cuda" else None
     no_buffer_sync: dict[str, Any] = {_NO_BUFFER_SYNC: False}
-    return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
+    return DistributedDataParallel(
+        model, device_ids=ids, find_unused_parameters=unused_params, **no_buffer_sync
+    )
 
 
 # torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers; the older releases we
@@ -223,6 +229,10 @@ class Share:
 
     micro: tuple[int, ...]
     rows: slice
+
+    def fraction(self, batch_size: int) -> float:
+        """The part of each of its micro-batches' rows this rank takes (1 or 1 / world)."""
+        return len(range(batch_size)[self.rows]) / batch_size
 
 
 ALL_ROWS = slice(None)

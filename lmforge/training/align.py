@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.config import to_dict
 from lmforge.data.world_tasks import TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError
@@ -105,14 +106,22 @@ class RLStart:
     data: AlignData
 
 
-def start_rl(cfg: Any, out: Path, resume: bool, overwrite: bool, rollouts: bool = True) -> RLStart:
+def start_rl(
+    cfg: Any,
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    rollouts: bool = True,
+    multi_process: bool = False,
+) -> RLStart:
     """The shared start of PPO, GRPO and DPO (configs with policy, reward_model, prompts, tasks,
-    eval_prompts, sampling, train): check the run folder, then load everything, seeded."""
+    eval_prompts, sampling, train): check the run folder, then load everything, seeded.
+    `multi_process`: the stage runs under torchrun (see `setup_device`)."""
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
     check_trackers(cfg.train.trackers)
     if state is not None:
         check_resume_config(to_dict(cfg), out)
-    device, dtype = setup_device(cfg.train)
+    device, dtype = setup_device(cfg.train, multi_process=multi_process)
     seed_everything(cfg.train.seed)
     policy, reference, tok, _ = load_policy_pair(Path(cfg.policy), out, device)
     rm = load_reward(cfg.reward_model, tok, device) if cfg.reward_model else None
@@ -141,10 +150,12 @@ def open_run(
     out: Path, s: RLStart, run_config: dict[str, Any], start: int, trackers: Sequence[str]
 ) -> tuple[MetricsWriter, list[dict[str, Any]]]:
     """Write the tokenizer (fresh run) and run config; open metrics.jsonl (cut back to `start`
-    when resuming) and the `trackers`, and return it with the iteration rows logged so far."""
-    if s.state is None:
-        s.tok.save(out / "tokenizer")
-    atomic_write_json(out / "run_config.json", run_config)
+    when resuming) and the `trackers`, and return it with the iteration rows logged so far.
+    Under torchrun only rank 0 writes."""
+    if distributed.is_main():
+        if s.state is None:
+            s.tok.save(out / "tokenizer")
+        atomic_write_json(out / "run_config.json", run_config)
     metrics = open_metrics(out, start if s.state else None, trackers, run_config)
     history = [r for r in read_metrics(out / "metrics.jsonl") if "score" in r] if s.state else []
     return metrics, history

@@ -14,7 +14,7 @@ policy's held-out gold reward, exact match and KL to the reference (`training/al
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.config import check, opt
 from lmforge.data.instruction import Message, hold_out_tail
 from lmforge.data.preference import Preference, load_preferences
@@ -106,8 +107,11 @@ def collate_seqs(seqs: PairSeqs, idx: Sequence[int]) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def sequence_logprobs(model: Decoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probs of the masked (reply) tokens of each row: (B, T) -> (B,)."""
+def sequence_logprobs(
+    model: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Summed log-probs of the masked (reply) tokens of each row: (B, T) -> (B,); `model` is a
+    decoder (or its DDP wrapper) giving logits."""
     logits = model(ids[:, :-1])
     return (token_logprobs(logits, ids[:, 1:]) * mask[:, 1:]).sum(dim=1)
 
@@ -141,14 +145,19 @@ def dpo(
         val_prefs = load_preferences(cfg.val_data)
     else:
         train_prefs, val_prefs = hold_out_tail(train_prefs, cfg.val_fraction, "pair(s)")
-    s = start_rl(cfg, out, resume, overwrite, rollouts=False)
+    s = start_rl(cfg, out, resume, overwrite, rollouts=False, multi_process=True)
     policy, reference, tok, rm, world = s.policy, s.reference, s.tok, s.rm, s.data
     device, dtype, state = s.device, s.dtype, s.state
+    world_size, rank = distributed.world_size(), distributed.rank()
+    share = distributed.batch_share(cfg.train.batch_size, cfg.train.grad_accum, world_size, rank)
+    progress = progress and distributed.is_main()
     block = cfg.train.block_size or policy.cfg.max_seq_len
     train, val = render_pair_seqs(tok, train_prefs, block), render_pair_seqs(tok, val_prefs, block)
+    # every rank scores every pair once: simpler than gathering each rank's share
     ref_train = reference_logprobs(reference, train, device, dtype)
     ref_val = reference_logprobs(reference, val, device, dtype)
     optimizer = build_optimizer(policy, cfg.optim)
+    ddp = distributed.wrap(policy, device)  # the policy itself in one process
     run_config = policy_run_config("dpo", f"dpo-{cfg.loss}", cfg, s)
 
     def loss_fn(logps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -156,13 +165,14 @@ def dpo(
         return dpo_loss(logps[:B], logps[B:], y[:, 0], y[:, 1], cfg.beta, cfg.loss, y[:, 2])[0]
 
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return sequence_logprobs(policy, ids, mask)
+        return sequence_logprobs(ddp, ids, mask)
 
     with run_dir(out, fresh=state is None, overwrite=overwrite):
         start = 0
         if state is not None:
             saved = load_state(state, policy, optimizer)
             start, dtype = saved["step"], DTYPES[saved["autocast"]]
+        distributed.agree(start, "the step to resume from")
         metrics, _ = open_run(out, s, run_config, start, cfg.train.trackers)
         if state is None:
             metrics.log({"step": 0, "n_train": len(train), "n_val": len(val)})
@@ -173,7 +183,7 @@ def dpo(
             )
         if start >= cfg.train.max_steps:
             metrics.close()
-            tqdm.write(f"{out}: already complete at step {start} (raise train.max_steps)")
+            distributed.print0(f"{out}: already complete at step {start} (raise train.max_steps)")
             return final_row(out)
 
         bar = step_bar("dpo", cfg.train.max_steps, start, progress)
@@ -183,15 +193,15 @@ def dpo(
         for step in range(start, cfg.train.max_steps):
             lr = lr_at(step, cfg.train.max_steps, cfg.optim)
             set_lr(optimizer, lr, cfg.optim.lr)
-            micro = []
-            for m in range(cfg.train.grad_accum):
+            micro = []  # this rank's pairs, taken before collating: a batch holds both sides
+            for m in share.micro:
                 idx = epoch_order(
                     len(train), cfg.train.seed, (step * cfg.train.grad_accum + m) * B, B
-                )
-                y = torch.cat([ref_train[idx], train.label[idx, None]], dim=1)  # (B, 3)
+                )[share.rows]
+                y = torch.cat([ref_train[idx], train.label[idx, None]], dim=1)  # (pairs, 3)
                 micro.append((collate_seqs(train, idx), y))
             loss, grad_norm = train_step(
-                policy,
+                ddp,
                 optimizer,
                 micro,
                 loss_fn,
@@ -201,6 +211,7 @@ def dpo(
                 grad_clip=cfg.optim.grad_clip,
                 step=step + 1,
                 forward=forward,
+                row_share=share.fraction(B),
             )
             done = step + 1
             bar.update(1)
@@ -215,6 +226,7 @@ def dpo(
                 }
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if due(done, cfg.train.eval_every, cfg.train.max_steps):
+                # every rank evaluates the same pairs, so none waits on rank 0 in the next step
                 row.setdefault("step", done)
                 row.update(held_out(policy, val, ref_val, cfg, device, dtype))
                 if world.eval:

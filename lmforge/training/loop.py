@@ -73,8 +73,8 @@ def setup_device(
     world = distributed.launched_world_size()
     if world > 1 and not multi_process:
         raise UserError(
-            f"WORLD_SIZE={world}: this stage runs in one process only (pretrain and sft run "
-            "under torchrun); start it without torchrun or with --nproc-per-node 1"
+            f"WORLD_SIZE={world}: this stage runs in one process only (pretrain, sft, reward "
+            "and dpo run under torchrun); start it without torchrun or with --nproc-per-node 1"
         )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -101,6 +101,7 @@ def train_step(
     step: int,
     forward: Callable[..., torch.Tensor] | None = None,
     rows: slice = ALL_ROWS,
+    row_share: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns (mean loss over the step's whole batch, grad norm).
 
@@ -112,6 +113,11 @@ def train_step(
     number of ranks; for that, `loss_fn` must be a mean over the targets that are not
     IGNORE_INDEX (as `token_loss` is). The non-finite check runs before `optimizer.step`, so a
     NaN never reaches the weights.
+
+    Pairwise stages (reward, DPO) cannot cut rows from a collated micro-batch (it holds both
+    sides of each pair, perhaps packed together), so they take this rank's pairs before
+    collating and give `row_share`, the part of each micro-batch's pairs those are; `loss_fn`
+    is then a mean over pairs, and every pair weighs the same.
     """
     forward = model if forward is None else forward
     batches = list(micro_batches)
@@ -120,7 +126,7 @@ def train_step(
     per_rank = n_micro / distributed.world_size()
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
-        weight = None
+        weight = row_share
         if rows != ALL_ROWS:
             x, y, weight = _take_rows(x, y, rows)
         x, y = to_device(x, device), y.to(device, non_blocking=True)
@@ -128,7 +134,7 @@ def train_step(
             with autocast(device, dtype):
                 out = call(forward, x)
             loss = loss_fn(out, y)
-            if weight is not None:
+            if weight != 1.0:
                 # this rank's mean weighed by its share of the micro-batch's targets; with no
                 # target it still joins the gradient all-reduce, adding zero
                 loss = loss * weight if weight > 0 else out.sum() * 0.0

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lmforge import distributed
 from lmforge.config import check, opt, to_dict
 from lmforge.data.instruction import Message, hold_out_tail
 from lmforge.data.preference import Preference, load_preferences
@@ -236,7 +237,10 @@ def reward(
         val_prefs = load_preferences(cfg.val_data)
     else:
         train_prefs, val_prefs = hold_out_tail(train_prefs, cfg.val_fraction, "pair(s)")
-    device, dtype = setup_device(cfg.train)
+    device, dtype = setup_device(cfg.train, multi_process=True)
+    world, rank = distributed.world_size(), distributed.rank()
+    share = distributed.batch_share(cfg.train.batch_size, cfg.train.grad_accum, world, rank)
+    progress = progress and distributed.is_main()
     trunk, tok, base_config = load_model(Path(cfg.model))
     if not isinstance(trunk, Transformer):
         raise UserError(f"model: {cfg.model} is an encoder-decoder; use a decoder or encoder")
@@ -246,6 +250,9 @@ def reward(
     train_pairs = render_pairs(tok, train_prefs, block)
     val_pairs = render_pairs(tok, val_prefs, block)
     optimizer = build_optimizer(model, cfg.optim)
+    # the head reads hidden states, so an LM head not tied to the embedding gets no gradient
+    # and DDP must not wait for one
+    ddp = distributed.wrap(model, device, unused_params=not trunk.cfg.tie_embeddings)
     run_config: dict[str, Any] = {
         "stage": "reward",
         "family": base_config["family"],
@@ -263,9 +270,11 @@ def reward(
         if state is not None:
             saved = load_state(state, model, optimizer)
             start, dtype = saved["step"], DTYPES[saved["autocast"]]
-        else:
-            tok.save(out / "tokenizer")
-        atomic_write_json(out / "run_config.json", run_config)
+        distributed.agree(start, "the step to resume from")
+        if distributed.is_main():
+            if state is None:
+                tok.save(out / "tokenizer")
+            atomic_write_json(out / "run_config.json", run_config)
         metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
         if state is None:
             metrics.log({"step": 0, "n_train": len(train_pairs), "n_val": len(val_pairs)})
@@ -279,18 +288,13 @@ def reward(
         for step in range(start, cfg.train.max_steps):
             lr = lr_at(step, cfg.train.max_steps, cfg.optim)
             set_lr(optimizer, lr, cfg.optim.lr)
-            micro = [
-                collate_pairs(
-                    train_pairs,
-                    epoch_order(len(train_pairs), cfg.train.seed, k, B),
-                    cfg.layout,
-                    block,
-                    model.causal,
-                )
-                for k in ((step * accum + m) * B for m in range(accum))
-            ]
+            micro = []  # this rank's pairs, taken before collating: a batch holds both sides
+            for m in share.micro:
+                idx = epoch_order(len(train_pairs), cfg.train.seed, (step * accum + m) * B, B)
+                idx = idx[share.rows]
+                micro.append(collate_pairs(train_pairs, idx, cfg.layout, block, model.causal))
             loss, grad_norm = train_step(
-                model,
+                ddp,
                 optimizer,
                 micro,
                 loss_fn,
@@ -299,22 +303,25 @@ def reward(
                 dtype=dtype,
                 grad_clip=cfg.optim.grad_clip,
                 step=step + 1,
+                row_share=share.fraction(B),
             )
-            meter.add(B * accum)
+            meter.add(sum(len(labels) for _, labels in micro))  # pairs
             done = step + 1
             bar.update(1)
             row: dict[str, Any] = {}
             if due(done, cfg.train.log_every, cfg.train.max_steps):
+                (pairs_per_s,) = distributed.all_sum(meter.rate())
                 row = {
                     "step": done,
                     "loss": loss.item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
-                    "pairs_per_s": meter.rate(),
+                    "pairs_per_s": pairs_per_s,
                 }
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
             t_pause = time.perf_counter()
             if due(done, cfg.train.eval_every, cfg.train.max_steps):
+                # every rank evaluates the same pairs, so none waits on rank 0 in the next step
                 row.setdefault("step", done)
                 row.update(held_out_metrics(model, val_pairs, device, dtype, cfg.margin))
                 if cfg.world_check:

@@ -7,7 +7,9 @@ runs are few and tiny, and shared by the tests through module fixtures."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,10 +21,14 @@ import pytest
 from safetensors.torch import load_file
 
 from lmforge import config as C
+from lmforge.data.world import World
+from lmforge.data.world_tasks import FLAWS, TaskConfig, make_splits
 from lmforge.distributed import ALL_ROWS, batch_share
 from lmforge.errors import UserError
+from lmforge.training.dpo import DPOConfig, dpo
 from lmforge.training.metrics import read_metrics
 from lmforge.training.pretrain import PretrainConfig, pretrain, resume_config
+from lmforge.training.reward import RewardConfig, reward
 from lmforge.training.sft import SFTConfig, sft
 from tests.conftest import TINY_PRETRAIN, TINY_SFT
 
@@ -88,6 +94,13 @@ def start_ranks(*argv: str) -> list[subprocess.Popen[str]]:
     ]
 
 
+def run_two_ranks(*argv: str) -> None:
+    """`python -m lmforge ARGV --quiet` as the 2 ranks of one job; both must succeed."""
+    ranks = start_ranks("-m", "lmforge", *argv, "--quiet")
+    errors = [p.communicate(timeout=180)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+
+
 def rows(out: Path) -> dict[int, dict]:
     """Training rows of a metrics file by step; a step logged twice (by two ranks) fails."""
     logged = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -143,14 +156,106 @@ def test_checkpoint_of_two_processes_resumes_in_one(
     assert_same_run(one_process, out, range(1, 9), ("loss", "grad_norm", "val_loss"))
 
 
-def test_two_processes_fine_tune_like_one(two_processes: Path, tmp_path: Path) -> None:
-    args = [f"model={two_processes}", *SFT, *SFT_NO_GENERATION]  # a 2-process base model
-    sft(C.load(SFTConfig, None, args), tmp_path / "one", progress=False)
-    ranks = start_ranks("-m", "lmforge", "sft", "--quiet", "--out", str(tmp_path / "two"), *args)
-    errors = [p.communicate(timeout=180)[1] for p in ranks]
-    assert [p.returncode for p in ranks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+def sft_args(base: Path) -> list[str]:
+    return [f"model={base}", *SFT, *SFT_NO_GENERATION]
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(two_processes: Path) -> Path:
+    """One process's SFT of the 2-process base model: also the model the pairwise stages
+    start from."""
+    out = two_processes.parent / "sft_one"
+    sft(C.load(SFTConfig, None, sft_args(two_processes)), out, progress=False)
+    return out
+
+
+def test_two_processes_fine_tune_like_one(
+    two_processes: Path, fine_tuned: Path, tmp_path: Path
+) -> None:
+    run_two_ranks("sft", "--out", str(tmp_path / "two"), *sft_args(two_processes))
     keys = ("loss", "grad_norm", "val_loss", "padding")
-    assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 9), keys)
+    assert_same_run(fine_tuned, tmp_path / "two", range(1, 9), keys)
+
+
+# Pairs of the world's short-prompt tasks: the canonical answer against a rude or rambling one,
+# with soft labels that differ from pair to pair (so a pair's label must stay with the pair).
+PAIR_TASKS = TaskConfig(tasks=("reverse", "capitalise"), n_train=12, n_val=4, n_test=4)
+# grad_accum=1: each rank takes half the pairs of every micro-batch, and its mean pair loss
+# must weigh as half of the micro-batch's.
+PAIRWISE = (
+    "train.dtype=float32",
+    "train.batch_size=4",
+    "train.max_steps=4",
+    "train.eval_every=2",
+    "train.log_every=1",
+    "train.ckpt_every=4",
+    "train.dist.timeout_s=60",
+    "optim.warmup_steps=1",
+)
+
+
+@pytest.fixture(scope="module")
+def pairs(fine_tuned: Path) -> tuple[Path, Path]:
+    world, rng = World.from_seed(PAIR_TASKS.seed), random.Random(0)
+    files = []
+    for split in ("train", "val"):
+        records = [
+            {
+                "prompt": ex.prompt,
+                "chosen": ex.answer,
+                "rejected": FLAWS[("impolite", "rambling")[i % 2]](ex, rng, world),
+                "label": 0.6 + 0.05 * (i % 7),
+            }
+            for i, ex in enumerate(make_splits(PAIR_TASKS)[split])
+        ]
+        path = fine_tuned.parent / f"pairs_{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        files.append(path)
+    return files[0], files[1]
+
+
+def assert_reward_like_one(trunk: Path, pairs: tuple[Path, Path], out: Path) -> None:
+    args = [f"model={trunk}", f"data={pairs[0]}", f"val_data={pairs[1]}", "world_check=false"]
+    args += PAIRWISE
+    reward(C.load(RewardConfig, None, args), out / "one", progress=False)
+    run_two_ranks("reward", "train", "--out", str(out / "two"), *args)
+    keys = ("loss", "grad_norm", "val_loss", "val_acc")
+    assert_same_run(out / "one", out / "two", range(1, 5), keys)
+    assert rows(out / "one")[4]["loss"] != rows(out / "one")[1]["loss"]  # it trained
+
+
+def test_two_processes_train_a_reward_model_like_one(
+    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    assert_reward_like_one(fine_tuned, pairs, tmp_path)
+
+
+def test_two_processes_train_a_reward_model_on_a_trunk_with_an_untied_lm_head(
+    pairs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # the reward head reads hidden states, so that LM head gets no gradient: DDP must not wait
+    # for one (it would fail the second step)
+    args = [*PRETRAIN, "model.tie_embeddings=false", "train.max_steps=2"]
+    pretrain(C.load(PretrainConfig, None, args), tmp_path / "base", progress=False)
+    assert_reward_like_one(tmp_path / "base", pairs, tmp_path)
+
+
+def test_two_processes_optimise_dpo_like_one(
+    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    args = [
+        f"policy={fine_tuned}",
+        f"data={pairs[0]}",
+        f"val_data={pairs[1]}",
+        "eval_prompts=0",
+        "optim.lr=1e-3",
+        *PAIRWISE,
+    ]
+    dpo(C.load(DPOConfig, None, args), tmp_path / "one", progress=False)
+    run_two_ranks("dpo", "--out", str(tmp_path / "two"), *args)
+    keys = ("loss", "grad_norm", "val_loss", "val_acc", "val_margin")
+    assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 5), keys)
+    assert rows(tmp_path / "one")[4]["loss"] != rows(tmp_path / "one")[1]["loss"]  # it trained
 
 
 @pytest.mark.slow
