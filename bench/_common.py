@@ -28,7 +28,7 @@ import torch  # noqa: E402
 # The Llama config and weight copy of a Decoder, for the Hugging Face peers (one mapping,
 # checked by tests/models/test_llama_parity.py).
 from lmforge.models.hf import llama_config  # noqa: E402, F401
-from lmforge.models.hf import to_llama as llama_from_decoder  # noqa: E402, F401
+from lmforge.models.hf import to_hf as llama_from_decoder  # noqa: E402, F401
 from lmforge.objectives.lm import token_loss  # noqa: E402
 from lmforge.runtime import autocast_dtype  # noqa: E402
 from lmforge.training.loop import train_step  # noqa: E402

@@ -57,9 +57,9 @@ ARCHITECTURES = {
 
 def hf_arch(cfg: TransformerConfig) -> str:
     """The Hugging Face family whose architecture `cfg` is; UserError when none is."""
-    options = (cfg.norm, cfg.mlp, cfg.positions, cfg.qkv_bias, cfg.bias)
-    if options == ("rmsnorm", "swiglu", "rope", False, False):
+    if cfg.is_default_architecture:
         return "llama"
+    options = (cfg.norm, cfg.mlp, cfg.positions, cfg.qkv_bias, cfg.bias)
     if options == ("rmsnorm", "swiglu", "rope", True, False):
         return "qwen2"
     if options == ("layernorm", "gelu", "learned", True, True) and cfg.kv_heads == cfg.n_head:
@@ -335,9 +335,6 @@ def to_hf(model: Decoder, **overrides: Any) -> PreTrainedModel:
     if unexpected or any(m not in tied and not m.endswith(_IGNORED) for m in missing):
         raise RuntimeError(f"weight mapping: missing {missing}, unexpected {unexpected}")
     return hf
-
-
-to_llama = to_hf  # the benchmarks' name for it
 
 
 # --------------------------------------------------------------------------------------------

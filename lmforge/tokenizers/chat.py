@@ -43,7 +43,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import UserError
-from lmforge.tokenizers.core import Tokenizer
+from lmforge.tokenizers.core import ImportedTokenizer, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<|end_of_turn|>"
@@ -156,8 +156,8 @@ def render_template(
     tok: Tokenizer, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool
 ) -> str:
     """The imported tokenizer's chat template rendered over `messages`, as a string."""
-    assert tok.chat_template is not None
-    specials: dict[str, Any] = {f"{k}_token": v for k, v in getattr(tok, "specials", {}).items()}
+    assert isinstance(tok, ImportedTokenizer) and tok.chat_template is not None
+    specials: dict[str, Any] = {f"{k}_token": v for k, v in tok.specials.items()}
     try:
         return _compile(tok.chat_template).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt, **specials

@@ -212,6 +212,13 @@ class ImportedTokenizer(Tokenizer):
     def __repr__(self) -> str:
         return f"ImportedTokenizer(vocab_size={self.vocab_size})"
 
+    def set_end_of_turn(self, token: str) -> None:
+        """Use `token` as the end of an assistant turn (read off the template after loading)."""
+        i = self._hf.token_to_id(token)
+        if i is None:
+            raise ValueError(f"special token end_of_turn={token!r} is not in the vocabulary")
+        self.specials["end_of_turn"], self.special_ids["end_of_turn"] = token, i
+
     @functools.cached_property
     def added_special_ids(self) -> frozenset[int]:
         """Ids of the tokenizer's added tokens marked special (<|im_end|>, <|eot_id|>, ...)."""

@@ -59,9 +59,9 @@ def load_hf_tokenizer(folder: Path) -> ImportedTokenizer:
     specials = {"bos": special("bos") or eos, "eos": eos, "pad": special("pad") or eos}
     try:
         # end_of_turn is read off the template below; eos stands in while it is.
-        probe = ImportedTokenizer(text, {**specials, "end_of_turn": eos}, template)
-        specials["end_of_turn"] = _end_of_turn(probe) or eos
-        return ImportedTokenizer(text, specials, template)
+        tok = ImportedTokenizer(text, {**specials, "end_of_turn": eos}, template)
+        tok.set_end_of_turn(_end_of_turn(tok) or eos)
+        return tok
     except ValueError as e:
         raise UserError(f"{tok_path}: {e}") from None
 

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmforge import distributed
 from lmforge.config import to_dict
 from lmforge.data.world_tasks import TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError
@@ -32,7 +31,6 @@ from lmforge.feedback.sampling import (
     task_prompts,
 )
 from lmforge.generation.generate import SamplingConfig
-from lmforge.io import atomic_write_json
 from lmforge.models.decoder import Decoder
 from lmforge.models.reward import RewardModel
 from lmforge.runtime import seed_everything
@@ -41,13 +39,13 @@ from lmforge.tokenizers.chat import jinja_template
 from lmforge.training.checkpoint import load_model, load_reward_model
 from lmforge.training.diagnostics import DiagnosticsConfig, pathologies
 from lmforge.training.loop import epoch_order, setup_device
-from lmforge.training.metrics import MetricsWriter, open_metrics, read_metrics
+from lmforge.training.metrics import MetricsWriter, read_metrics
 from lmforge.training.rollout import (
     Rollout,
     rollout,
     sample_metrics,
 )
-from lmforge.training.rundir import check_resume_config, check_run_dir
+from lmforge.training.rundir import check_resume_config, check_run_dir, open_run_files
 from lmforge.training.trackers import check_trackers
 
 
@@ -149,14 +147,9 @@ def policy_run_config(stage: str, objective: str, cfg: Any, s: RLStart) -> dict[
 def open_run(
     out: Path, s: RLStart, run_config: dict[str, Any], start: int, trackers: Sequence[str]
 ) -> tuple[MetricsWriter, list[dict[str, Any]]]:
-    """Write the tokenizer (fresh run) and run config; open metrics.jsonl (cut back to `start`
-    when resuming) and the `trackers`, and return it with the iteration rows logged so far.
-    Under torchrun only rank 0 writes."""
-    if distributed.is_main():
-        if s.state is None:
-            s.tok.save(out / "tokenizer")
-        atomic_write_json(out / "run_config.json", run_config)
-    metrics = open_metrics(out, start if s.state else None, trackers, run_config)
+    """`rundir.open_run_files` for a policy run, and the iteration rows logged so far."""
+    fresh = s.state is None
+    metrics = open_run_files(out, s.tok, run_config, start, fresh=fresh, trackers=trackers)
     history = [r for r in read_metrics(out / "metrics.jsonl") if "score" in r] if s.state else []
     return metrics, history
 

@@ -172,7 +172,6 @@ def dpo(
         if state is not None:
             saved = load_state(state, policy, optimizer)
             start, dtype = saved["step"], DTYPES[saved["autocast"]]
-        distributed.agree(start, "the step to resume from")
         metrics, _ = open_run(out, s, run_config, start, cfg.train.trackers)
         if state is None:
             metrics.log({"step": 0, "n_train": len(train), "n_val": len(val)})

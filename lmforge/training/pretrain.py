@@ -35,7 +35,7 @@ from lmforge.evaluation.perplexity import (
     unigram_accuracy,
     unigram_loss,
 )
-from lmforge.io import atomic_dir, atomic_write_json
+from lmforge.io import atomic_dir
 from lmforge.models import FAMILIES, Model
 from lmforge.models.transformer import TransformerConfig
 from lmforge.objectives.lm import token_loss
@@ -60,7 +60,6 @@ from lmforge.training.loop import (
 from lmforge.training.metrics import (
     CPU_BF16_PEAK_FLOPS,
     decoder_flops_per_token,
-    open_metrics,
 )
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import (
@@ -68,6 +67,7 @@ from lmforge.training.rundir import (
     check_run_dir,
     final_row,
     load_resume_config,
+    open_run_files,
     run_dir,
 )
 from lmforge.training.trackers import check_trackers
@@ -246,12 +246,9 @@ def pretrain(
             saved = load_state(state, model, optimizer)
             start = saved["step"]
             dtype = DTYPES[saved["autocast"]]  # the measured choice stays fixed for exact resume
-        distributed.agree(start, "the step to resume from")
-        if distributed.is_main():
-            if state is None:
-                tokenizer.save(out / "tokenizer")
-            atomic_write_json(out / "run_config.json", run_config)
-        metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
+        metrics = open_run_files(
+            out, tokenizer, run_config, start, fresh=state is None, trackers=cfg.train.trackers
+        )
         flops_per_token = decoder_flops_per_token(model_cfg, cfg.block_size)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * block
         if state is None:

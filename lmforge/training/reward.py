@@ -33,7 +33,6 @@ from lmforge.data.world import World
 from lmforge.data.world_tasks import FLAWS, TaskConfig, make_splits
 from lmforge.errors import UserError
 from lmforge.feedback.simulated import ceiling
-from lmforge.io import atomic_write_json
 from lmforge.models.reward import RewardModel
 from lmforge.models.transformer import Transformer
 from lmforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
@@ -50,12 +49,12 @@ from lmforge.training.loop import (
     step_bar,
     train_step,
 )
-from lmforge.training.metrics import open_metrics
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import (
     check_resume_config,
     check_run_dir,
     final_row,
+    open_run_files,
     run_dir,
 )
 from lmforge.training.trackers import check_trackers
@@ -270,12 +269,9 @@ def reward(
         if state is not None:
             saved = load_state(state, model, optimizer)
             start, dtype = saved["step"], DTYPES[saved["autocast"]]
-        distributed.agree(start, "the step to resume from")
-        if distributed.is_main():
-            if state is None:
-                tok.save(out / "tokenizer")
-            atomic_write_json(out / "run_config.json", run_config)
-        metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
+        metrics = open_run_files(
+            out, tok, run_config, start, fresh=state is None, trackers=cfg.train.trackers
+        )
         if state is None:
             metrics.log({"step": 0, "n_train": len(train_pairs), "n_val": len(val_pairs)})
         if start >= cfg.train.max_steps:

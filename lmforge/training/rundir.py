@@ -23,8 +23,10 @@ from typing import Any, TypeVar
 from lmforge import distributed
 from lmforge.config import load
 from lmforge.errors import UserError
+from lmforge.io import atomic_write_json
+from lmforge.tokenizers import Tokenizer
 from lmforge.training.checkpoint import latest_state
-from lmforge.training.metrics import read_metrics
+from lmforge.training.metrics import MetricsWriter, open_metrics, read_metrics
 
 T = TypeVar("T")
 
@@ -137,3 +139,23 @@ def final_row(out: Path) -> dict[str, Any]:
     for row in read_metrics(out / "metrics.jsonl"):
         last.update(row)
     return last
+
+
+def open_run_files(
+    out: Path,
+    tok: Tokenizer,
+    run_config: dict[str, Any],
+    start: int,
+    *,
+    fresh: bool,
+    trackers: Sequence[str],
+) -> MetricsWriter:
+    """A training stage's files at its (re)start: under torchrun every rank must resume from
+    the same `start`; rank 0 writes the tokenizer (fresh runs) and run_config.json; metrics.jsonl
+    is opened (cut back to `start` when resuming) with the `trackers`."""
+    distributed.agree(start, "the step to resume from")
+    if distributed.is_main():
+        if fresh:
+            tok.save(out / "tokenizer")
+        atomic_write_json(out / "run_config.json", run_config)
+    return open_metrics(out, None if fresh else start, trackers, run_config)

@@ -38,7 +38,6 @@ from lmforge.data.sft_batches import (
 from lmforge.data.world_tasks import TaskConfig, TaskExample, make_splits, sft_records
 from lmforge.errors import UserError
 from lmforge.evaluation.tasks import EvalConfig, evaluate_tasks, limit_per_task
-from lmforge.io import atomic_write_json
 from lmforge.models import Model
 from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.objectives.lm import IGNORE_INDEX, token_loss
@@ -54,12 +53,12 @@ from lmforge.training.loop import (
     step_bar,
     train_step,
 )
-from lmforge.training.metrics import open_metrics
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.rundir import (
     check_resume_config,
     check_run_dir,
     final_row,
+    open_run_files,
     run_dir,
 )
 from lmforge.training.trackers import check_trackers
@@ -218,12 +217,9 @@ def sft(
             saved = load_state(state, model, optimizer)
             start = saved["step"]
             dtype = DTYPES[saved["autocast"]]
-        distributed.agree(start, "the step to resume from")
-        if distributed.is_main():
-            if state is None:
-                tok.save(out / "tokenizer")
-            atomic_write_json(out / "run_config.json", run_config)
-        metrics = open_metrics(out, start if state else None, cfg.train.trackers, run_config)
+        metrics = open_run_files(
+            out, tok, run_config, start, fresh=state is None, trackers=cfg.train.trackers
+        )
         if state is None:
             metrics.log(
                 {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.models.decoder import Decoder
-from lmforge.models.hf import to_llama
+from lmforge.models.hf import to_hf
 from lmforge.models.transformer import TransformerConfig
 
 pytest.importorskip("transformers")
@@ -27,6 +27,6 @@ def test_logits_match_llama(n_kv_head: int, tie: bool) -> None:
     with torch.no_grad():
         for p in ours.parameters():  # non-trivial norm gains too
             p.add_(0.05 * torch.randn_like(p))
-        hf = to_llama(ours).eval()
+        hf = to_hf(ours).eval()
         x = torch.randint(0, 97, (2, 20))
         torch.testing.assert_close(ours(x), hf(x).logits, atol=2e-5, rtol=1e-4)
