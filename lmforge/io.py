@@ -71,6 +71,21 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+# Suffixes of PyTorch / pickle checkpoints. lmforge never opens them: unpickling a file can run
+# any code it names, so a downloaded model could take over the machine.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def pickle_note(folder: Path) -> str:
+    """A note for a "weights not found" error when `folder` holds only pickle checkpoints."""
+    if not folder.is_dir():
+        return ""
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not found:
+        return ""
+    return f" (only {found[0]}: pickle files can run code and are never loaded)"
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)

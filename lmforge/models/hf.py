@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import build, to_dict
 from lmforge.errors import UserError
-from lmforge.io import atomic_dir
+from lmforge.io import atomic_dir, pickle_note
 from lmforge.models.decoder import Decoder
 from lmforge.models.transformer import TransformerConfig
 from lmforge.tokenizers import ImportedTokenizer, Tokenizer
@@ -399,13 +399,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        why = (
-            f" (only {pickled[0]}: pickle files can run code and are never loaded)"
-            if pickled
-            else ""
-        )
-        raise UserError(f"{folder}: no model.safetensors{why}")
+        raise UserError(f"{folder}: no model.safetensors{pickle_note(folder)}")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         try:

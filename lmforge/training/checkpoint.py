@@ -25,7 +25,7 @@ from safetensors.torch import load_model as load_into_module
 from lmforge import distributed
 from lmforge.config import build
 from lmforge.errors import UserError
-from lmforge.io import atomic_dir, atomic_write, atomic_write_json
+from lmforge.io import atomic_dir, atomic_write, atomic_write_json, pickle_note
 from lmforge.models import FAMILIES, Model
 from lmforge.models.hf import import_hf, is_hf_dir
 from lmforge.models.reward import RewardModel
@@ -60,7 +60,7 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise UserError(f"{path}: weights file not found")
+        raise UserError(f"{path}: weights file not found{pickle_note(path.parent)}")
     try:
         missing, unexpected = load_into_module(_unwrap(model), str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:

@@ -1,0 +1,104 @@
+"""A pickle file crafted to run code is never unpickled, wherever lmforge loads a model or state.
+
+Each case plants the payload (raw pickle, and the zip that `torch.save` writes) where a model
+folder, resume state, reward model or tokenizer would hold its files, runs the command that
+loads it, and checks one `error:` line, exit code 2, and that the payload's file was not made.
+Hugging Face folders: tests/models/test_hf_import.py::test_pickle_weights_are_never_loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmforge import config as C
+from lmforge.training.pretrain import PretrainConfig, pretrain
+from tests.conftest import TINY_PRETRAIN, fails
+
+
+class _Payload:
+    """Unpickling this creates `path`: a stand-in for any code a malicious file could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def plant(path: Path, sentinel: Path, kind: str) -> None:
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps(_Payload(sentinel)))
+    else:
+        torch.save({"weights": _Payload(sentinel)}, path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny decoder run (two steps) with its model folder and resume state."""
+    out = tmp_path_factory.mktemp("untrusted") / "base"
+    overrides = [*TINY_PRETRAIN, "data.world.n_docs=300", "train.max_steps=2"]
+    pretrain(C.load(PretrainConfig, None, [*overrides, "train.ckpt_every=2"]), out, progress=False)
+    return out
+
+
+def test_the_payload_really_runs_when_unpickled(tmp_path: Path) -> None:
+    for kind in ("pickle", "torch"):
+        plant(tmp_path / "x", tmp_path / kind, kind)
+        if kind == "pickle":
+            pickle.loads((tmp_path / "x").read_bytes())
+        else:
+            torch.load(tmp_path / "x", weights_only=False)
+        assert (tmp_path / kind).exists()
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch"])
+def test_crafted_pickles_are_refused_everywhere(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    sentinel = tmp_path / "pwned"
+
+    def refused(*argv: str, expect: str) -> None:
+        err = fails(capsys, *argv)
+        assert expect in err, err
+        assert not sentinel.exists(), argv
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(base, tmp_path / name))
+
+    # A model folder whose weights are only a pickle file, or a pickle under the real name.
+    folder = copy("model")
+    (folder / "model.safetensors").unlink()
+    plant(folder / "pytorch_model.bin", sentinel, kind)
+    refused("generate", "--model", str(folder), "--prompt", "a", expect="never loaded")
+    plant(folder / "model.safetensors", sentinel, kind)
+    refused("generate", "--model", str(folder), "--prompt", "a", expect="cannot load weights")
+    refused("sft", "--model", str(folder), "--out", str(tmp_path / "sft"), expect="weights")
+    assert not (tmp_path / "sft").exists()
+
+    # Resume state: the optimizer file and the model weights of the newest checkpoint.
+    for name in ("optim.safetensors", "model.safetensors"):
+        run = copy(f"run-{name}")
+        (step,) = (run / "state").iterdir()
+        plant(step / name, sentinel, kind)
+        refused("pretrain", "--out", str(run), "--resume", expect=str(step))
+
+    # A reward model (what ppo, grpo, best-of-n and `reward score` load).
+    rm = copy("rm")
+    config = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**config, "head": "reward"}))
+    plant(rm / "model.safetensors", sentinel, kind)
+    score = ("reward", "score", "--model", str(rm), "--prompt", "a", "--response", "b")
+    refused(*score, expect="cannot load weights")
+
+    # A tokenizer, alone or inside a model folder.
+    tok = copy("tok") / "tokenizer"
+    plant(tok / "tokenizer.json", sentinel, kind)
+    refused("tokenizer", "encode", "--tokenizer", str(tok), "a", expect="invalid JSON")
+    refused("generate", "--model", str(tok.parent), "--prompt", "a", expect="invalid JSON")
