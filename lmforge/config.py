@@ -62,27 +62,59 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
-    text = _read_text(p)
+    # Editors on Windows often save a byte-order mark, which both parsers refuse.
+    text = _read_text(p).removeprefix("\ufeff")
     if p.suffix == ".toml":
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{p}: invalid TOML: {e}") from None
+        except (RecursionError, ValueError) as e:  # deep nesting, ints past Python's digit limit
+            raise UserError(f"{p}: invalid TOML: {_too_much(e)}") from None
     elif p.suffix in (".yaml", ".yml"):
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            # libyaml's loader when built in: the same safe constructors, much faster, and it
+            # refuses deep nesting itself where the pure-Python one recurses for seconds.
+            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{p}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+            why = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+            raise UserError(f"{p}{line}: invalid YAML: {why}") from None
+        except (RecursionError, ValueError) as e:
+            raise UserError(f"{p}: invalid YAML: {_too_much(e)}") from None
         data = {} if data is None else data
     else:
         raise UserError(f"{p}: config files must end in .toml, .yaml or .yml")
     if not isinstance(data, dict):
         raise UserError(f"{p}: the top level must be a table of sections")
+    _check_size(data, p)
     return data
+
+
+def _too_much(e: Exception) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else "a number too long"
+
+
+MAX_DEPTH, MAX_NODES = 32, 100_000
+
+
+def _check_size(data: object, p: Path) -> None:
+    """Refuse configs nested past any real one or too large once YAML aliases are expanded
+    (a few nested `*refs` make billions of nodes): both would only fail later, deep in a
+    recursive merge or while printing the value in an error."""
+    stack, seen = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if depth > MAX_DEPTH or seen > MAX_NODES:
+            raise UserError(f"{p}: nested too deeply or too large to be a config")
+        if isinstance(node, dict):
+            stack += [(v, depth + 1) for v in node.values()]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node]
 
 
 def _read_text(p: Path) -> str:
@@ -166,6 +198,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
+        if not isinstance(key, str):  # YAML allows numbers, lists, ... as keys
+            raise _PathError(f"{prefix}{key!r}", "field names must be strings")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -54,6 +54,18 @@ def _is_const(call: ast.Call, keyword: str, value: object) -> bool:
     )
 
 
+def _safe_yaml_loader(call: ast.Call) -> bool:
+    """`yaml.load(..., Loader=X)` where every loader X names is a SafeLoader (C or Python)."""
+    (loader,) = [k.value for k in call.keywords if k.arg == "Loader"] or [None]
+    if loader is None:
+        return False
+    names = [n.attr for n in ast.walk(loader) if isinstance(n, ast.Attribute)]
+    names += [n.id for n in ast.walk(loader) if isinstance(n, ast.Name)]
+    names += [n.value for n in ast.walk(loader) if isinstance(n, ast.Constant)]
+    loaders = [n for n in names if isinstance(n, str) and n.endswith("Loader")]
+    return bool(loaders) and all(n.endswith("SafeLoader") for n in loaders)
+
+
 def unsafe_loads(source: str, name: str = "<snippet>") -> list[str]:
     """`name:line: what` for each call in `source` that could run code from a file."""
     tree = ast.parse(source)
@@ -64,7 +76,9 @@ def unsafe_loads(source: str, name: str = "<snippet>") -> list[str]:
             continue
         func = _dotted(node.func, aliases) or ""
         why = None
-        if func in UNPICKLERS:
+        if func == "yaml.load" and _safe_yaml_loader(node):
+            pass
+        elif func in UNPICKLERS:
             why = f"{func}() can run code from the file"
         elif func == "torch.load" and not _is_const(node, "weights_only", True):
             why = "torch.load() without weights_only=True unpickles"
@@ -107,6 +121,8 @@ def test_no_code_runs_from_a_loaded_file() -> None:
         "import numpy as np\nx = np.load(p, allow_pickle=True)",
         "import joblib\nm = joblib.load(p)",
         "import yaml\nc = yaml.load(text, Loader=yaml.Loader)",
+        "import yaml\nc = yaml.load(text)",
+        "import yaml\nc = yaml.load(text, Loader=getattr(yaml, 'CLoader', yaml.SafeLoader))",
         "from transformers import AutoModel as M\nm = M.from_pretrained(p, trust_remote_code=True)",
         "m = anything(p, trust_remote_code=flag)",
     ],
@@ -121,6 +137,7 @@ def test_the_checker_catches_each_unsafe_load(snippet: str) -> None:
         "import torch\nsd = torch.load(path, weights_only=True)",
         "import numpy as np\nx = np.load(p, allow_pickle=False)\ny = np.load(p)",
         "import yaml\nc = yaml.safe_load(text)",
+        "import yaml\nc = yaml.load(text, Loader=getattr(yaml, 'CSafeLoader', yaml.SafeLoader))",
         "from safetensors.torch import load_file\nsd = load_file(p)",
         "m = AutoModel.from_pretrained(p, trust_remote_code=False)",
         "import json\nx = json.loads(s)",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,47 @@ def _split_txt(text: str, mode: str) -> Iterator[str]:
         yield from (p.strip("\n") for p in text.split("\n\n") if p.strip())
 
 
+class BadJSON(ValueError):
+    """Text that is not one JSON value lmforge can hold; `line` counts from the text's start."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+_DECODER = json.JSONDecoder()
+# A \uD800-\uDFFF escape: half of a UTF-16 pair, which json decodes to a lone surrogate that
+# no UTF-8 text can hold (it would fail later, when the text is tokenized or written).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(text: str, start: int | None = None) -> tuple[object, int]:
+    """`json.loads(text)` (`start` None) or the one value at `start` (raw_decode), with the
+    offset after it. Everything json or Python refuses becomes `BadJSON`: syntax, nesting too
+    deep for the parser's recursion, integers past Python's digit limit, lone surrogates."""
+
+    def line() -> int:  # counted only on failure: arrays call this once per element
+        return text.count("\n", 0, start or 0) + 1
+
+    try:
+        if start is None:
+            value, end = json.loads(text), len(text)
+        else:
+            value, end = _DECODER.raw_decode(text, start)
+    except json.JSONDecodeError as e:
+        raise BadJSON(e.msg, e.lineno) from None
+    except RecursionError:
+        raise BadJSON("nested too deeply", line()) from None
+    except ValueError:  # int("9" * 5000) is refused past sys.get_int_max_str_digits()
+        raise BadJSON("a number too long", line()) from None
+    if _SURROGATE_ESCAPE.search(text, start or 0, end):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadJSON("a lone surrogate escape (\\ud800-\\udfff) is not text", line()) from None
+    return value, end
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, value) for each non-blank line of a JSONL file."""
     # Editors on Windows often save a byte-order mark, which json refuses; it holds no text.
@@ -169,9 +211,10 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
         if not line.strip():
             continue
         try:
-            yield i, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where(path, i)}: invalid JSON ({e.msg})") from None
+            value, _ = parse_json(line)
+        except BadJSON as e:
+            raise UserError(f"{where(path, i)}: invalid JSON ({e.message})") from None
+        yield i, value
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:

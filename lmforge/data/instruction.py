@@ -24,14 +24,13 @@ templates and tokenisation are decided later.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
-from lmforge.data.corpora import read_jsonl, read_utf8
+from lmforge.data.corpora import BadJSON, parse_json, read_jsonl, read_utf8
 from lmforge.errors import UserError, where
 
 T = TypeVar("T")
@@ -322,7 +321,6 @@ def read_json_array(path: Path) -> Iterator[tuple[int, object]]:
     raw_decode, counting newlines up to each element's offset.
     """
     text = _read_text(path)
-    decoder = json.JSONDecoder()
 
     def skip(pos: int) -> int:
         match = _WHITESPACE.match(text, pos)
@@ -347,9 +345,9 @@ def read_json_array(path: Path) -> Iterator[tuple[int, object]]:
     else:
         while True:
             try:
-                rec, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where(path, e.lineno)}: invalid JSON ({e.msg})") from None
+                rec, end = parse_json(text, pos)
+            except BadJSON as e:
+                raise UserError(f"{where(path, e.line)}: invalid JSON ({e.message})") from None
             line += text.count("\n", counted, pos)
             counted = pos
             yield line, rec

@@ -46,7 +46,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-from lmforge.data.corpora import read_jsonl
+from lmforge.data.corpora import BadJSON, parse_json, read_jsonl
 from lmforge.errors import UserError, where
 from lmforge.io import fsync_dir
 
@@ -156,8 +156,8 @@ class JudgmentLog:
 
     def _id_of(self, line: bytes, lineno: int) -> str:
         try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec, _ = parse_json(line.decode("utf-8"))
+        except (BadJSON, UnicodeDecodeError):
             raise UserError(
                 f"{where(self.path, lineno)}: invalid JSON (only a torn last line is ignored)"
             ) from None
@@ -313,9 +313,9 @@ class RankingApp:
         if len(data) > MAX_BODY or (length or 0) > MAX_BODY:  # chunked bodies carry no length
             return _json({"error": f"body over {MAX_BODY} bytes"}, 413)
         try:
-            body = json.loads(data)
+            body, _ = parse_json(data.decode("utf-8"))
             task, judgment = check_judgment(body, self.by_id)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (BadJSON, UnicodeDecodeError):  # deep nesting and lone surrogates included
             return _json({"error": "malformed JSON"}, 400)
         except ValueError as e:
             return _json({"error": str(e)}, 400)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from lmforge.config import check, opt, to_dict
 from lmforge.data.corpora import read_jsonl
-from lmforge.data.instruction import Message, parse_record
+from lmforge.data.instruction import Message, json_kind, parse_record
 from lmforge.data.world_tasks import SPLITS, TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError, where
 from lmforge.generation.generate import SamplingConfig, generate, generate_seq2seq
@@ -81,6 +81,9 @@ def file_prompts(path: Path, limit: int = 0) -> list[Prompt]:
             if not rec["prompt"].strip():
                 raise UserError(f"{where(path, line, 'prompt')}: empty prompt")
         elif "messages" in rec:
+            if not isinstance(rec["messages"], list):
+                got = json_kind(rec["messages"])
+                raise UserError(f"{where(path, line, 'messages')}: expected a list, got {got}")
             # Reuse the chat validation with a placeholder reply, then drop it.
             conv = parse_record(
                 {"messages": [*rec["messages"], {"role": "assistant", "content": "-"}]}, path, line
