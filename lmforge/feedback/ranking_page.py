@@ -12,11 +12,13 @@ Key choices:
   Killing the server loses nothing acknowledged; a restart reads the file (dropping a torn last
   line, which was never acknowledged) and serves only the prompts still unjudged.
 - Model output is untrusted text: the page builds every element with `textContent`, and a
-  Content-Security-Policy allowing only the page's own nonce'd script backs that up.
+  Content-Security-Policy allowing only the page's own nonce'd script backs that up (every
+  other response carries one that allows nothing).
 - A local server is reachable by every web page the user visits (through the browser) and by
   every local user, so: a random per-session token is required for the page (in the printed
   URL) and on every API call (a header); a foreign Host header (DNS rebinding) or a foreign
-  Origin on a POST (cross-site requests) gets 403; bodies over 64 KiB or not JSON are refused;
+  Origin on a POST (cross-site requests) gets 403; bodies over 64 KiB or not JSON (nested too
+  deeply, lone surrogates included) are refused;
   there is no file serving at all, so no path can reach the disk. Binding beyond loopback needs
   `allow_remote=True`; the Host check is then off and the token is the only guard (plain HTTP).
 - Werkzeug's threaded server (a well-kept, dependency-light WSGI library): one page for one
@@ -339,6 +341,10 @@ class RankingApp:
 
 
 _SECURITY_HEADERS = {
+    # Every response, not only the page: a JSON or error body opened as a document must not
+    # run script either (the page replaces this with its own, which allows its nonce'd script).
+    "Content-Security-Policy": "default-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",

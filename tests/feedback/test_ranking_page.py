@@ -21,6 +21,7 @@ import pytest
 
 from lmforge.errors import UserError
 from lmforge.feedback.ranking_page import TOKEN_HEADER, JudgmentLog, RankingServer, load_tasks
+from tests.conftest import fails
 
 XSS = [
     "<script>window.__xss = 1; alert(1)</script>",
@@ -72,6 +73,18 @@ def call(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
     """One HTTP request with exactly the headers given (Host defaults to the right one)."""
+    status, data, _ = request(port, method, path, body, headers)
+    return status, data
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, http.client.HTTPMessage]:
+    """`call`, also returning the response headers."""
     if isinstance(body, dict):
         body = json.dumps(body).encode()
     headers = {"Host": f"127.0.0.1:{port}", **(headers or {})}
@@ -89,7 +102,7 @@ def call(
     finally:
         conn.close()
     is_json = resp.getheader("Content-Type", "").startswith("application/json")
-    return resp.status, json.loads(data) if is_json else data
+    return resp.status, json.loads(data) if is_json else data, resp.headers
 
 
 def judge(port: int, token: str, pid: str, **judgment: Any) -> tuple[int, Any]:
@@ -140,6 +153,46 @@ def test_server_refuses_a_network_bind_unless_allowed_and_a_second_writer(tmp_pa
             RankingServer(responses, tmp_path / "out.jsonl", port=0)
         with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{server.port}"):
             RankingServer(responses, tmp_path / "other.jsonl", port=server.port)
+
+
+def test_a_network_bind_needs_the_flag_and_then_still_the_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    responses = write_jsonl(tmp_path / "r.jsonl", [task(0)])
+    out = tmp_path / "out.jsonl"
+    err = fails(capsys, "label", "--serve", str(responses), "--out", str(out), "--host", "0.0.0.0")
+    assert "not a loopback address" in err and not out.exists()
+    with running(responses, out, host="0.0.0.0", allow_remote=True) as server:
+        port, token = server.port, server.token
+        remote = {"Host": f"192.0.2.7:{port}"}  # any Host: the page is meant for the network
+        assert call(port, "GET", "/api/next", headers=remote)[0] == 403
+        assert call(port, "GET", "/", headers=remote)[0] == 403
+        assert call(port, "GET", "/?token=wrong", headers=remote)[0] == 403
+        assert judge(port, "", "p0", ranking=[0])[0] == 403
+        assert call(port, "GET", "/api/next", headers={**remote, TOKEN_HEADER: token})[0] == 200
+    assert read_records(out) == []
+
+
+def test_every_response_forbids_inline_script(tmp_path: Path) -> None:
+    responses = write_jsonl(tmp_path / "r.jsonl", [task(0)])
+    with running(responses, tmp_path / "out.jsonl") as server:
+        port, ok = server.port, {TOKEN_HEADER: server.token}
+        answers = [
+            request(port, "GET", f"/?token={server.token}"),  # the page: 200
+            request(port, "GET", "/api/next", headers=ok),  # 200
+            request(port, "GET", "/"),  # 403
+            request(port, "GET", "/../etc/passwd", headers=ok),  # 404
+            request(port, "PUT", "/api/judge", b"{}", ok),  # 405
+            request(port, "POST", "/api/judge", b"{", ok),  # 400
+            request(port, "POST", "/api/judge", b"x" * 70_000, ok),  # 413
+        ]
+    assert [a[0] for a in answers] == [200, 200, 403, 404, 405, 400, 413]
+    for status, _, headers in answers:
+        csp = {d.split()[0]: d.split()[1:] for d in headers["Content-Security-Policy"].split(";")}
+        scripts = csp.get("script-src", csp["default-src"])
+        # nothing, or only the page's nonce: never 'unsafe-inline', a host or a scheme
+        assert scripts == ["'none'"] or (len(scripts) == 1 and scripts[0].startswith("'nonce-"))
+        assert csp["frame-ancestors"] == ["'none'"], status
 
 
 def test_log_ignores_a_torn_last_line_and_writes_each_id_once(tmp_path: Path) -> None:
@@ -216,6 +269,9 @@ def test_paths_and_bodies_are_refused(tmp_path: Path) -> None:
             (big, ok, 413),
             (b'{"id": "p0", "ranking": [0', ok, 400),
             (b"\xff\xfe", ok, 400),
+            (b"[" * 60_000, ok, 400),  # nested past the parser's recursion limit
+            (b'{"id": "p0", "ranking": [' + b"9" * 5000 + b"]}", ok, 400),
+            (b'{"id": "\\ud800", "ranking": [0]}', ok, 400),
             (b"[1, 2]", ok, 400),
             ({"id": "p0", "ranking": [0]}, {**ok, "Content-Type": "text/plain"}, 415),
             ({"id": "nope", "ranking": [0]}, ok, 400),
@@ -245,28 +301,29 @@ def test_paths_and_bodies_are_refused(tmp_path: Path) -> None:
 
 
 def test_concurrent_submissions_persist_each_prompt_exactly_once(tmp_path: Path) -> None:
-    responses = write_jsonl(tmp_path / "r.jsonl", [task(i, k=3) for i in range(10)])
+    """50 prompts judged at once, each twice (with different judgments): all 50 are written,
+    each exactly once, and every request is answered."""
+    responses = write_jsonl(tmp_path / "r.jsonl", [task(i, k=3) for i in range(50)])
     out = tmp_path / "out.jsonl"
     with running(responses, out) as server:
-        results: list[tuple[int, Any]] = [(0, None)] * 50
-        barrier = threading.Barrier(50)
+        results: list[tuple[int, Any]] = [(0, None)] * 100
+        barrier = threading.Barrier(100)
 
         def submit(n: int) -> None:
             barrier.wait()
-            pid = f"p{n % 10}"  # 10 ids, 5 submissions each (some with other judgments)
-            results[n] = judge(server.port, server.token, pid, ranking=[n % 3])
+            results[n] = judge(server.port, server.token, f"p{n % 50}", ranking=[n % 3])
 
-        threads = [threading.Thread(target=submit, args=(n,)) for n in range(50)]
+        threads = [threading.Thread(target=submit, args=(n,)) for n in range(100)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(20)
-        assert [status for status, _ in results] == [200] * 50
-        assert sum(data["written"] for _, data in results) == 10
+            t.join(30)
+        assert [status for status, _ in results] == [200] * 100
+        assert sum(data["written"] for _, data in results) == 50
         final = call(server.port, "GET", "/api/next", headers={TOKEN_HEADER: server.token})[1]
-        assert final == {"task": None, "done": 10, "total": 10}
+        assert final == {"task": None, "done": 50, "total": 50}
     records = read_records(out)
-    assert sorted(r["id"] for r in records) == sorted(f"p{i}" for i in range(10))
+    assert sorted(r["id"] for r in records) == sorted(f"p{i}" for i in range(50))
 
 
 # ---------------------------------------------------------------------------------------------
