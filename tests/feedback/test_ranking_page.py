@@ -65,15 +65,9 @@ def running(responses: Path, out: Path, **kw: Any) -> Iterator[RankingServer]:
         server.close()
 
 
-def call(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any]:
-    """One HTTP request with exactly the headers given (Host defaults to the right one)."""
-    status, data, _ = request(port, method, path, body, headers)
+def call(*args: Any, **kwargs: Any) -> tuple[int, Any]:
+    """(status, decoded body) of one `request`."""
+    status, data, _ = request(*args, **kwargs)
     return status, data
 
 
@@ -84,7 +78,8 @@ def request(
     body: bytes | dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, http.client.HTTPMessage]:
-    """`call`, also returning the response headers."""
+    """One HTTP request with exactly the headers given (Host defaults to the right one):
+    status, body (decoded when JSON) and response headers."""
     if isinstance(body, dict):
         body = json.dumps(body).encode()
     headers = {"Host": f"127.0.0.1:{port}", **(headers or {})}
