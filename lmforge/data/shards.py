@@ -1,7 +1,8 @@
 """Token shards: a corpus tokenized once into memory-mapped arrays on disk.
 
 Each split is one flat array of token ids (uint16 when the vocabulary fits, else uint32) with
-an end-of-text token after every document, plus the start offset of every document. Shards are
+an end-of-text token after every document, plus the start offset of every document. Special
+tokens spelt inside a document are encoded as text, so the data can never forge them. Shards are
 cached under a key made of the corpus text's hash and the tokenizer's fingerprint, so
 re-running a stage on unchanged input skips tokenization. The cache entry is built in a
 temporary folder and renamed when complete.
@@ -22,7 +23,7 @@ from lmforge.data.corpora import Corpus
 from lmforge.io import atomic_dir
 from lmforge.tokenizers import Tokenizer
 
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: special-token spellings in documents are text (1 read them as specials)
 _BATCH_DOCS = 256
 
 
@@ -100,7 +101,8 @@ def _write_split(
     with open(out / f"{name}.bin", "wb") as f:
         for i in range(0, len(docs), _BATCH_DOCS):
             chunk = docs[i : i + _BATCH_DOCS]
-            for ids in tok.encode_batch(chunk, add_eos=True):
+            # Document text is data: "<|eos|>" written in it stays text, never a special id.
+            for ids in tok.encode_batch(chunk, add_eos=True, allow_special=False):
                 starts.append(n_tokens)
                 n_tokens += len(ids)
                 f.write(np.asarray(ids, dtype=dtype).tobytes())

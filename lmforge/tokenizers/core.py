@@ -142,7 +142,7 @@ class Tokenizer:
     def bytes_per_token(self, texts: Iterable[str]) -> float:
         """Compression on held-out text: UTF-8 bytes per token (higher is better)."""
         texts = list(texts)
-        n_tokens = sum(len(ids) for ids in self.encode_batch(texts))
+        n_tokens = sum(len(ids) for ids in self.encode_batch(texts, allow_special=False))
         if n_tokens == 0:
             raise UserError("bytes_per_token: no text given (all texts are empty)")
         return sum(len(t.encode("utf-8")) for t in texts) / n_tokens

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge import config as C
-from lmforge.data.corpora import DataConfig, load_corpus
+from lmforge.data.corpora import Corpus, DataConfig, load_corpus
 from lmforge.data.packing import BlockSampler, eval_blocks
 from lmforge.data.shards import build_shards
 from lmforge.errors import UserError
-from lmforge.tokenizers import train_tokenizer
+from lmforge.tokenizers import SPECIAL_TOKENS, train_tokenizer
 
 
 def data(**kw: object) -> DataConfig:
@@ -70,6 +70,18 @@ def test_shards_are_cached_and_hold_every_document(tmp_path: Path) -> None:
     for i in (0, 7, len(corpus.train) - 1):
         ids = first.train.tokens[starts[i] : starts[i + 1]].tolist()
         assert ids[-1] == tok.eos_id and tok.decode(ids[:-1]) == corpus.train[i]
+
+
+def test_document_text_spelling_a_special_token_stays_text(tmp_path: Path) -> None:
+    """A corpus is data: "<|eos|>" written in a document is never the end-of-text id, so only
+    the separator after each document is (web text often holds GPT-2's "<|endoftext|>")."""
+    docs = ["plain story one", *(f"a {s} b" for s in SPECIAL_TOKENS), "<|eos|><|eos|>"]
+    corpus = Corpus(train=docs, val=docs[:2], fingerprint="specials-as-text")
+    tok = train_tokenizer("bpe", docs * 5, 300)
+    shards = build_shards(corpus, tok, str(tmp_path), progress=False)
+    tokens = shards.train.tokens.tolist()
+    assert {t for t in tokens if t < len(SPECIAL_TOKENS)} == {tok.eos_id}
+    assert tokens.count(tok.eos_id) == len(docs)
 
 
 def test_sampler_covers_each_block_once_per_epoch_and_is_stateless() -> None:
