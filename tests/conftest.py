@@ -110,6 +110,18 @@ TINY_SFT = (
 
 
 @pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A decoder pretrained for two steps (context 64): a model folder with its resume state."""
+    from lmforge import config as C
+    from lmforge.training.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    overrides = [*TINY_PRETRAIN, "data.world.n_docs=300", "train.max_steps=2"]
+    pretrain(C.load(PretrainConfig, None, [*overrides, "train.ckpt_every=2"]), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def sft_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A briefly pretrained tiny decoder on the world (a few seconds)."""
     from lmforge import config as C

@@ -78,12 +78,13 @@ def chat_prompt(tok: Tokenizer, prompt: str) -> list[int]:
 def base_prompt(
     tok: Tokenizer, query: TaskExample, shots: Sequence[TaskExample], room: int
 ) -> list[int]:
-    """A few-shot prompt with as many of `shots` as fit in `room` tokens (at least none)."""
+    """A few-shot prompt with as many of `shots` as fit in `room` tokens (at least none; a
+    query too long even alone is returned whole, for the caller to cut)."""
     for k in range(len(shots), -1, -1):
         # <|eos|> first: the base model saw documents separated by it, so a prompt starts anew.
         ids = [tok.eos_id] + tok.encode(few_shot_prompt(shots[:k], query), allow_special=False)
         if len(ids) <= room or k == 0:
-            return ids[-room:]
+            return ids
     raise AssertionError("unreachable")
 
 
@@ -117,21 +118,31 @@ def evaluate_tasks(
     shots: dict[str, list[TaskExample]] | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Any], list[Answer]]:
-    """Greedy answers to every example (batched), and the metrics row they make."""
+    """Greedy answers to every example (batched), and the metrics row they make. A prompt
+    longer than the context leaves room for loses its start (the question is at its end);
+    `prompts_cut` counts them."""
     if not isinstance(model, Decoder | EncoderDecoder):
         raise UserError("eval: an encoder cannot generate answers; evaluate a decoder")
     t0 = time.perf_counter()
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
     room = model.cfg.max_seq_len - (0 if isinstance(model, EncoderDecoder) else cfg.max_new_tokens)
+    if room < 1:
+        raise UserError(
+            f"eval: max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {model.cfg.max_seq_len} tokens"
+        )
     stop_id = end_of_turn_id(tok) if chat else tok.eos_id
     out: list[Answer] = []
+    cut = 0
     bar = tqdm(total=len(examples), desc="eval", unit="prompt", disable=not progress)
     for i in range(0, len(examples), cfg.batch_size):
         batch = examples[i : i + cfg.batch_size]
         if chat:
-            prompts = [chat_prompt(tok, ex.prompt)[-room:] for ex in batch]
+            full = [chat_prompt(tok, ex.prompt) for ex in batch]
         else:
-            prompts = [base_prompt(tok, ex, (shots or {}).get(ex.task, []), room) for ex in batch]
+            full = [base_prompt(tok, ex, (shots or {}).get(ex.task, []), room) for ex in batch]
+        cut += sum(len(p) > room for p in full)
+        prompts = [p[-room:] for p in full]
         if isinstance(model, EncoderDecoder):
             new = generate_seq2seq(
                 model, prompts, sampling, start_id=tok.bos_id, eos_id=stop_id, pad_id=tok.pad_id
@@ -148,6 +159,7 @@ def evaluate_tasks(
         bar.update(len(batch))
     bar.close()
     row = summarize(out)
+    row["prompts_cut"] = cut
     row["eval_s"] = time.perf_counter() - t0
     return row, out
 

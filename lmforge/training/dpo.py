@@ -79,19 +79,25 @@ class PairSeqs:
     ids: list[list[int]]  # 2N sequences: pair i's chosen at 2i, rejected at 2i + 1
     masks: list[list[bool]]
     label: torch.Tensor  # (N,) P(chosen preferred)
+    n_truncated: int = 0  # pairs with a side longer than the block: its prompt's start was cut
 
     def __len__(self) -> int:
         return len(self.label)
 
 
 def render_pair_seqs(tok: Tokenizer, prefs: Sequence[Preference], block: int) -> PairSeqs:
-    ids, masks = [], []
-    for p in prefs:
+    """Both sides of each pair, a side longer than `block` cut to its last `block` tokens: a
+    long prompt loses its start, the reply stays (such pairs are counted in n_truncated)."""
+    ids, masks, cut = [], [], set()
+    for i, p in enumerate(prefs):
         for reply in (p.chosen, p.rejected):
             x, m = render_chat(tok, [*p.prompt, Message("assistant", reply)])
-            ids.append(x[-block:])  # a long prompt loses its start; the reply stays
+            if len(x) > block:
+                cut.add(i)
+            ids.append(x[-block:])
             masks.append(m[-block:])
-    return PairSeqs(ids, masks, torch.tensor([p.label for p in prefs], dtype=torch.float32))
+    label = torch.tensor([p.label for p in prefs], dtype=torch.float32)
+    return PairSeqs(ids, masks, label, n_truncated=len(cut))
 
 
 def collate_seqs(seqs: PairSeqs, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,11 +179,13 @@ def dpo(
             saved = load_state(state, policy, optimizer)
             start, dtype = saved["step"], DTYPES[saved["autocast"]]
         metrics, _ = open_run(out, s, run_config, start, cfg.train.trackers)
+        n_cut = train.n_truncated + val.n_truncated
         if state is None:
-            metrics.log({"step": 0, "n_train": len(train), "n_val": len(val)})
+            metrics.log({"step": 0, "n_train": len(train), "n_val": len(val), "truncated": n_cut})
         if progress:
             tqdm.write(
-                f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train)} pairs, {len(val)} held out | "
+                f"dpo ({cfg.loss}, beta {cfg.beta}): {len(train)} pairs, {len(val)} held out, "
+                f"{n_cut} cut to {block} tokens (prompt start dropped) | "
                 f"{device} | " + (f"resuming at step {start}" if start else f"from {cfg.policy}")
             )
         if start >= cfg.train.max_steps:

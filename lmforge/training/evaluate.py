@@ -117,7 +117,10 @@ def evaluate(
 
 def eval_table(row: dict[str, Any]) -> list[str]:
     """The metrics row as a small text table."""
-    lines = [f"{row['model']} ({row['mode']}, {row['split']} split, {row['n_prompts']} prompts)"]
+    cut = f", {row['prompts_cut']} cut to fit the context" if row.get("prompts_cut") else ""
+    lines = [
+        f"{row['model']} ({row['mode']}, {row['split']} split, {row['n_prompts']} prompts{cut})"
+    ]
     tasks = sorted(k for k in row if k.startswith("em/"))
     width = max(len(k) - 3 for k in [*tasks, "em/KL to reference"])
     for k in tasks:

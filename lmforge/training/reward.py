@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lmforge import distributed
 from lmforge.config import check, opt, to_dict
@@ -95,25 +96,29 @@ class Pairs:
     label: np.ndarray  # (N,) float32: P(chosen preferred)
     p_annotator: list[float | None]  # the simulated annotator's own probability, when known
     gold: list[tuple[float, float] | None]  # gold rewards of (chosen, rejected), when known
+    n_truncated: int = 0  # pairs with a side longer than the block: its prompt's start was cut
 
     def __len__(self) -> int:
         return len(self.chosen)
 
 
-def render_reply(tok: Tokenizer, prompt: Sequence[Message], reply: str, block: int) -> list[int]:
-    """Ids of prompt + reply; a long prompt loses its start (the reply and its end stay)."""
-    ids = render_chat(tok, [*prompt, Message("assistant", reply)])[0]
-    return ids[-block:]
+def render_reply(tok: Tokenizer, prompt: Sequence[Message], reply: str) -> list[int]:
+    """Ids of prompt + reply, whole (`render_pairs` cuts them to the block)."""
+    return render_chat(tok, [*prompt, Message("assistant", reply)])[0]
 
 
 def render_pairs(tok: Tokenizer, prefs: Sequence[Preference], block: int) -> Pairs:
-    chosen = [render_reply(tok, p.prompt, p.chosen, block) for p in prefs]
-    rejected = [render_reply(tok, p.prompt, p.rejected, block) for p in prefs]
+    """Both sides of each pair; a side longer than `block` loses the start of its prompt (the
+    reply and its end, which the reward reads, stay) and the pair is counted in n_truncated."""
+    chosen = [render_reply(tok, p.prompt, p.chosen) for p in prefs]
+    rejected = [render_reply(tok, p.prompt, p.rejected) for p in prefs]
+    cut = sum(max(len(c), len(r)) > block for c, r in zip(chosen, rejected, strict=True))
     label = np.array([p.label for p in prefs], dtype=np.float32)
     meta = [getattr(p, "meta", None) or {} for p in prefs]
     p_ann = [m.get("p_chosen") for m in meta]
     gold = [(m["gold_chosen"], m["gold_rejected"]) if "gold_chosen" in m else None for m in meta]
-    return Pairs(chosen, rejected, label, p_ann, gold)
+    cut_to = [[x[-block:] for x in side] for side in (chosen, rejected)]
+    return Pairs(cut_to[0], cut_to[1], label, p_ann, gold, n_truncated=cut)
 
 
 def collate_pairs(
@@ -273,7 +278,11 @@ def reward(
             out, tok, run_config, start, fresh=state is None, trackers=cfg.train.trackers
         )
         if state is None:
-            metrics.log({"step": 0, "n_train": len(train_pairs), "n_val": len(val_pairs)})
+            n_cut = train_pairs.n_truncated + val_pairs.n_truncated
+            metrics.log({"step": 0, "n_train": len(train_pairs), "n_val": len(val_pairs),
+                         "truncated": n_cut})  # fmt: skip
+            if progress and n_cut:
+                tqdm.write(f"reward: {n_cut} pairs longer than {block} tokens lost their start")
         if start >= cfg.train.max_steps:
             metrics.close()
             return final_row(out)

@@ -17,9 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from lmforge import config as C
-from lmforge.training.pretrain import PretrainConfig, pretrain
-from tests.conftest import TINY_PRETRAIN, fails
+from tests.conftest import fails
 
 
 class _Payload:
@@ -39,15 +37,6 @@ def plant(path: Path, sentinel: Path, kind: str) -> None:
         torch.save({"weights": _Payload(sentinel)}, path)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny decoder run (two steps) with its model folder and resume state."""
-    out = tmp_path_factory.mktemp("untrusted") / "base"
-    overrides = [*TINY_PRETRAIN, "data.world.n_docs=300", "train.max_steps=2"]
-    pretrain(C.load(PretrainConfig, None, [*overrides, "train.ckpt_every=2"]), out, progress=False)
-    return out
-
-
 def test_the_payload_really_runs_when_unpickled(tmp_path: Path) -> None:
     for kind in ("pickle", "torch"):
         plant(tmp_path / "x", tmp_path / kind, kind)
@@ -60,7 +49,7 @@ def test_the_payload_really_runs_when_unpickled(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["pickle", "torch"])
 def test_crafted_pickles_are_refused_everywhere(
-    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+    tiny_decoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
 ) -> None:
     sentinel = tmp_path / "pwned"
 
@@ -70,7 +59,7 @@ def test_crafted_pickles_are_refused_everywhere(
         assert not sentinel.exists(), argv
 
     def copy(name: str) -> Path:
-        return Path(shutil.copytree(base, tmp_path / name))
+        return Path(shutil.copytree(tiny_decoder, tmp_path / name))
 
     # A model folder whose weights are only a pickle file, or a pickle under the real name.
     folder = copy("model")
