@@ -6,6 +6,8 @@
   fresh run fails before its first checkpoint, what it wrote is removed again.
 - Under torchrun, rank 0 alone creates, cleans up and writes the folder, and every rank leaves
   the stage only once rank 0's files are complete.
+- When `torchrun --max-restarts` restarts a job's workers, a run with a complete checkpoint
+  resumes from it instead of refusing the folder its first attempt made (`restart_resume`).
 - A resumed run keeps its saved config (`run_config.json`, key "run"): only its length and
   bookkeeping (`RESUMABLE`) may change, or it would be a different experiment from the one its
   checkpoint belongs to.
@@ -56,6 +58,25 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
         return state
     check_new_output(out, overwrite=overwrite)
     return None
+
+
+def restart_resume(out: Path, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """This attempt's (resume, overwrite): the flags as given, except in workers that torchrun
+    restarted after a failure (`--max-restarts`) when `out` holds a complete checkpoint, which
+    was written by an earlier attempt of this job (a fresh first attempt refused or replaced
+    anything else there): those resume from it, whatever --overwrite said. With no checkpoint
+    yet, the restart starts afresh like the first attempt."""
+    restarts = distributed.restart_count()
+    if restarts == 0 or resume or not out.is_dir():
+        return resume, overwrite
+    state = latest_state(out)
+    if state is None:
+        return resume, overwrite
+    step = int(json.loads((state / "state.json").read_text(encoding="utf-8"))["step"])
+    distributed.print0(
+        f"torchrun restart {restarts}: resuming from the checkpoint of step {step} in {out}"
+    )
+    return True, False
 
 
 @contextmanager

@@ -26,9 +26,12 @@ from lmforge.data.world_tasks import FLAWS, TaskConfig, make_splits
 from lmforge.distributed import ALL_ROWS, batch_share
 from lmforge.errors import UserError
 from lmforge.training.dpo import DPOConfig, dpo
+from lmforge.training.grpo import GRPOConfig, grpo
 from lmforge.training.metrics import read_metrics
+from lmforge.training.ppo import PPOConfig, ppo
 from lmforge.training.pretrain import PretrainConfig, pretrain, resume_config
 from lmforge.training.reward import RewardConfig, reward
+from lmforge.training.rundir import load_resume_config
 from lmforge.training.sft import SFTConfig, sft
 from tests.conftest import TINY_PRETRAIN, TINY_SFT
 
@@ -256,6 +259,79 @@ def test_two_processes_optimise_dpo_like_one(
     keys = ("loss", "grad_norm", "val_loss", "val_acc", "val_margin")
     assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 5), keys)
     assert rows(tmp_path / "one")[4]["loss"] != rows(tmp_path / "one")[1]["loss"]  # it trained
+
+
+# PPO and GRPO on the gold reward of the world's short tasks, with rollouts of 8 responses
+# in minibatches of 4: each rank samples 4 of them and holds a varying part of each minibatch.
+RL = (
+    "reward=gold",
+    "tasks.tasks=reverse,capitalise",
+    "tasks.n_rl=20",
+    "eval_prompts=0",
+    "sampling.max_new_tokens=8",
+    "minibatch_size=4",
+    "optim.lr=1e-3",
+    "train.dtype=float32",
+    "train.batch_size=8",
+    "train.max_steps=3",
+    "train.ckpt_every=2",
+    "train.dist.timeout_s=60",
+)
+RL_KEYS = ("score", "gold", "kl", "response_len", "stop_rate", "policy_loss", "entropy")
+RL_KEYS += ("clipfrac", "approx_kl", "value_loss", "explained_var", "kl_term", "solved_groups")
+
+
+def rl_rows(out: Path) -> dict[int, dict]:
+    logged = [r for r in read_metrics(out / "metrics.jsonl") if "score" in r]
+    assert len({r["step"] for r in logged}) == len(logged), "an iteration logged twice"
+    return {r["step"]: r for r in logged}
+
+
+def assert_same_rl_run(a: Path, b: Path) -> None:
+    ra, rb = rl_rows(a), rl_rows(b)
+    assert sorted(ra) == sorted(rb) == [1, 2, 3]
+    for step in ra:
+        assert ra[step].keys() == rb[step].keys()
+        for key in RL_KEYS:
+            if key in ra[step]:
+                assert ra[step][key] == pytest.approx(rb[step][key], abs=TOLERANCE), (step, key)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return wa.keys() == wb.keys() and all(bool((wa[k] - wb[k]).abs().max() < 1e-5) for k in wa)
+
+
+@pytest.mark.parametrize(
+    ("stage", "cls", "args"),
+    [
+        ("ppo", PPOConfig, ("ppo_epochs=2",)),
+        ("grpo", GRPOConfig, ("group_size=4",)),
+    ],
+)
+def test_two_processes_optimise_a_policy_with_rl_like_one(
+    stage: str, cls: type, args: tuple[str, ...], fine_tuned: Path, tmp_path: Path
+) -> None:
+    """Rollouts are a function of (seed, iteration, row), advantages are whitened with the
+    whole batch's statistics, minibatch gradients and logged numbers are reduced over ranks:
+    2 processes follow 1 process's run, and their checkpoint resumes in 1 process."""
+    argv = [f"policy={fine_tuned}", *RL, *args]
+    train = ppo if stage == "ppo" else grpo
+    train(C.load(cls, None, argv), tmp_path / "one", progress=False)
+    run_two_ranks(stage, "--out", str(tmp_path / "two"), *argv)
+    assert_same_rl_run(tmp_path / "one", tmp_path / "two")
+    one = rl_rows(tmp_path / "one")
+    assert one[3]["policy_loss"] != one[1]["policy_loss"] and 0 < one[3]["response_len"] <= 8
+    assert same_weights(
+        tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors"
+    )
+    # the 2-process run's checkpoint of iteration 2 (weights, optimizer; for PPO the critic and
+    # the KL coefficient) resumes in 1 process and repeats iteration 3
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "state" / "step_00000003")
+    train(load_resume_config(cls, resumed), resumed, resume=True, progress=False)
+    assert_same_rl_run(tmp_path / "one", resumed)
 
 
 @pytest.mark.slow
