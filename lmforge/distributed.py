@@ -61,6 +61,11 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def job_id() -> str | None:
+    """The id torchrun gives this job, the same in every attempt; None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def init(cfg: DistConfig, device: torch.device) -> torch.device:
     """Join torchrun's process group (once per process) and return this rank's device.
 
@@ -91,13 +96,29 @@ def init(cfg: DistConfig, device: torch.device) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"train.device={device}: torchrun runs on 'cpu' or 'cuda' only")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            timeout=timeout,
+            **_attempt_store(world, timeout),
         )
         _timeout_s[0] = cfg.timeout_s
     barrier()
     return device
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dict[str, Any]:
+    """The store for `init_process_group`, when it is torchrun's (its agent's) with one key
+    space per attempt: torchrun (2.13) hands every attempt of a restarted job the same store and
+    no prefix, so the ranks of a restart would read the addresses their dead predecessors
+    published there, and fail to connect or hang. Else none: rank 0 hosts a fresh store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    store = dist.PrefixStore(f"lmforge/attempt_{restart_count()}", agent)
+    return {"store": store, "rank": int(os.environ["RANK"]), "world_size": world}
 
 
 def shutdown() -> None:
@@ -115,7 +136,10 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0: the one process that writes files and prints."""
+    """Rank 0: the one process that writes files and prints (before `init`, by torchrun's
+    RANK)."""
+    if not dist.is_initialized():
+        return os.environ.get("RANK", "0") == "0"
     return rank() == 0
 
 
@@ -258,7 +282,8 @@ def naming_hung_ranks() -> Iterator[None]:
             else "the other ranks could not be reached"
         )
         raise UserError(
-            f"rank {rank()}: a collective timed out after train.dist.timeout_s: {who}; "
+            f"rank {rank()}: a collective timed out (train.dist.timeout_s={_timeout_s[0]:g}): "
+            f"{who}; "
             "look at that rank's output, or raise train.dist.timeout_s if it was only slow"
         ) from None
 

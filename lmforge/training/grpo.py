@@ -130,7 +130,9 @@ def grpo(
             )
         if start >= T:
             metrics.close()
-            distributed.print0(f"{out}: already complete at iteration {start} (raise max_steps)")
+            distributed.print0(
+                f"{out}: already complete at iteration {start} (raise train.max_steps)"
+            )
             return final_row(out)
 
         bar = step_bar("grpo", T, start, progress)

@@ -176,7 +176,9 @@ def ppo(
             metrics.log({"step": 0, **ev0})
         if start >= T:
             metrics.close()
-            distributed.print0(f"{out}: already complete at iteration {start} (raise max_steps)")
+            distributed.print0(
+                f"{out}: already complete at iteration {start} (raise train.max_steps)"
+            )
             return final_row(out)
 
         bar = step_bar("ppo", T, start, progress)
