@@ -8,6 +8,7 @@ from the config fields' own help strings.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -54,14 +55,14 @@ from lmforge.training.pretrain import PretrainConfig
 from lmforge.training.pretrain import pretrain as run_pretrain
 from lmforge.training.reward import RewardConfig, render_pairs, score_pairs
 from lmforge.training.reward import reward as run_reward
-from lmforge.training.rundir import check_new_output, load_resume_config
+from lmforge.training.rundir import check_new_output, load_resume_config, restart_resume
 from lmforge.training.sft import SFTConfig
 from lmforge.training.sft import sft as run_sft
 
 T = TypeVar("T")
 
 # Commands that share their work between the processes of `torchrun --nproc-per-node N`.
-TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "dpo")  # `reward score` excepted
+TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")  # not `reward score`
 
 
 def _options_epilog(cls: type) -> str:
@@ -94,8 +95,15 @@ def _stage_config(
     return C.load(cls, config_file, [*flags, *overrides])
 
 
-def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Shared options of a training stage: --out, --config, --resume, --overwrite, overrides."""
+def _stage_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Shared options of a training stage: --out, --config, --resume, --overwrite, overrides.
+    Under `torchrun --max-restarts`, a restarted stage resumes (`rundir.restart_resume`)."""
+
+    @functools.wraps(command)
+    def f(*, out: Path, resume: bool, overwrite: bool, **kwargs: Any) -> Any:
+        resume, overwrite = restart_resume(out, resume, overwrite)
+        return command(out=out, resume=resume, overwrite=overwrite, **kwargs)
+
     f = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(f)
     f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
     f = click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")(f)
@@ -856,11 +864,12 @@ def export(model_dir: Path, fmt: str, out_dir: Path, overwrite: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the CLI, mapping bad input to one `error:` line and exit code 2."""
     try:
-        rv = cli.main(
-            args=list(argv) if argv is not None else None,
-            prog_name="lmforge",
-            standalone_mode=False,
-        )
+        with distributed.naming_hung_ranks():
+            rv = cli.main(
+                args=list(argv) if argv is not None else None,
+                prog_name="lmforge",
+                standalone_mode=False,
+            )
         distributed.shutdown()  # after a failure the process just exits: a peer may be gone
         return rv if isinstance(rv, int) else 0
     except UserError as e:

@@ -12,7 +12,9 @@ The only module that touches `torch.distributed`. Under `torchrun --nproc-per-no
   batch is the config's batch_size * grad_accum rows whatever the number of ranks, and the rows
   of a step do not depend on it either, so a checkpoint resumes with another world size;
 - averages or sums logged numbers across ranks, and tells the writers of files (run folder,
-  metrics, checkpoints) whether this is rank 0, the one rank that writes.
+  metrics, checkpoints) whether this is rank 0, the one rank that writes;
+- names the rank(s) a timed-out collective waited for (`naming_hung_ranks`), and tells a stage
+  whether torchrun restarted its workers (`restart_count`, for `torchrun --max-restarts`).
 
 In a plain single process every function here is the identity or does nothing, so a stage has
 one code path for one process and for many.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -51,6 +54,16 @@ class DistConfig:
 def launched_world_size() -> int:
     """Processes torchrun started for this job (1 outside torchrun), known before `init`."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this job's workers (`--max-restarts`); 0 at first."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def job_id() -> str | None:
+    """The id torchrun gives this job, the same in every attempt; None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def init(cfg: DistConfig, device: torch.device) -> torch.device:
@@ -83,12 +96,29 @@ def init(cfg: DistConfig, device: torch.device) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"train.device={device}: torchrun runs on 'cpu' or 'cuda' only")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            timeout=timeout,
+            **_attempt_store(world, timeout),
         )
+        _timeout_s[0] = cfg.timeout_s
     barrier()
     return device
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dict[str, Any]:
+    """The store for `init_process_group`, when it is torchrun's (its agent's) with one key
+    space per attempt: torchrun (2.13) hands every attempt of a restarted job the same store and
+    no prefix, so the ranks of a restart would read the addresses their dead predecessors
+    published there, and fail to connect or hang. Else none: rank 0 hosts a fresh store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    store = dist.PrefixStore(f"lmforge/attempt_{restart_count()}", agent)
+    return {"store": store, "rank": int(os.environ["RANK"]), "world_size": world}
 
 
 def shutdown() -> None:
@@ -106,7 +136,10 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0: the one process that writes files and prints."""
+    """Rank 0: the one process that writes files and prints (before `init`, by torchrun's
+    RANK)."""
+    if not dist.is_initialized():
+        return os.environ.get("RANK", "0") == "0"
     return rank() == 0
 
 
@@ -188,6 +221,15 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def total(value: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over ranks, e.g. the masked sums behind a batch-wide mean."""
+    if not dist.is_initialized():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
 def all_sum(*values: float) -> list[float]:
     """Each value summed over ranks, e.g. tokens each rank trained on."""
     if not dist.is_initialized():
@@ -211,6 +253,61 @@ def agree(value: int, what: str) -> None:
         raise UserError(f"{what} differs between ranks ({each}); all must see the same run folder")
 
 
+# ---------------------------------------------------------------------------------------------
+# Ranks that do not arrive
+
+
+# The process group's collective timeout (train.dist.timeout_s), once `init` has joined one.
+_timeout_s = [600.0]
+
+
+@contextmanager
+def naming_hung_ranks() -> Iterator[None]:
+    """Turn a collective's timeout into a `UserError` naming the rank(s) it waited for.
+
+    A timed-out collective only says that it timed out. Each rank that sees the timeout checks
+    in at the job's key-value store (torchrun's, or rank 0's, which keeps serving while rank 0
+    itself hangs) and waits up to the collective timeout for the others (the ranks waiting in
+    the same collective time out at about the same moment); the ranks that never check in are
+    the hung or dead ones."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not dist.is_initialized() or "timed out" not in str(e).lower():
+            raise
+        missing = _absent_ranks(min(_timeout_s[0], 60.0))
+        who = (
+            f"rank(s) {', '.join(map(str, missing))} did not arrive (hung or dead)"
+            if missing
+            else "the other ranks could not be reached"
+        )
+        raise UserError(
+            f"rank {rank()}: a collective timed out (train.dist.timeout_s={_timeout_s[0]:g}): "
+            f"{who}; "
+            "look at that rank's output, or raise train.dist.timeout_s if it was only slow"
+        ) from None
+
+
+def _absent_ranks(timeout_s: float) -> list[int]:
+    world, me = world_size(), rank()
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        prefix = f"lmforge/arrived/{restart_count()}/"
+        store.set(prefix + str(me), "1")
+        keys = [prefix + str(r) for r in range(world)]
+        deadline = time.monotonic() + timeout_s
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [r for r in range(world) if not store.check([keys[r]])]
+    except (RuntimeError, KeyError, ValueError):  # the store went away with its host
+        return []
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -219,6 +316,17 @@ def _collective_device() -> torch.device:
 
 # ---------------------------------------------------------------------------------------------
 # Data
+
+
+def rank_part(n: int, what: str) -> slice:
+    """This rank's contiguous part of n items that split evenly over the ranks (RL prompts)."""
+    world, r = world_size(), rank()
+    if n % world:
+        raise UserError(
+            f"{n} {what} cannot be split over {world} processes: make it a multiple of {world}"
+        )
+    per = n // world
+    return slice(r * per, (r + 1) * per)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Shape legend: B batch, P padded prompt length, S sequence so far.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +48,14 @@ def generate(
     eos_id: int | None,
     pad_id: int = 0,
     on_step: Callable[[torch.Tensor], None] | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt, stopping after eos (which is not returned).
 
     `on_step` sees each step's new ids (B,) as they are chosen, for streaming output.
+    `row_seeds` (one per prompt) replaces `cfg.seed` with a sampling stream per row, so a
+    row's response is the same whichever rows it is batched with (RL rollouts split between
+    processes rely on that).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("generate: every prompt needs at least one token")
@@ -69,7 +73,7 @@ def generate(
         idx[i, P - len(p) :] = torch.tensor(p, device=device)
         valid[i, P - len(p) :] = True
     padded = not bool(valid.all())
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = _generators(device, cfg.seed, row_seeds, B)
     was_training = model.training
     model.eval()
 
@@ -155,10 +159,20 @@ def generate_seq2seq(
     return _cut_at_eos(out[:, : n + 1], eos_id)
 
 
+def _generators(
+    device: torch.device, seed: int, row_seeds: Sequence[int] | None, B: int
+) -> torch.Generator | list[torch.Generator]:
+    if row_seeds is None:
+        return torch.Generator(device=device).manual_seed(seed)
+    if len(row_seeds) != B:
+        raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {B} prompts")
+    return [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+
+
 def _next_tokens(
     logits: torch.Tensor,
     cfg: SamplingConfig,
-    gen: torch.Generator,
+    gen: torch.Generator | list[torch.Generator],
     done: torch.Tensor,
     pad_id: int,
     eos_id: int | None,

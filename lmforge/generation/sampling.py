@@ -6,6 +6,8 @@ reaches p. Shapes: B batch, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -15,9 +17,12 @@ def sample_next(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V); temperature 0 means greedy."""
+    """Next token ids (B,) from logits (B, V); temperature 0 means greedy.
+
+    `generator` may be one per row: each row then draws from its own stream, so its token does
+    not depend on which other rows share the batch."""
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -33,4 +38,10 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, Sequence):
+        rows = [
+            torch.multinomial(p[None], 1, generator=g)
+            for p, g in zip(probs, generator, strict=True)
+        ]
+        return torch.cat(rows).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -22,19 +22,42 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+# Sums a tensor of partial sums over the processes that hold the rest of the batch (under
+# torchrun, `distributed.total`); the identity when one process holds it all.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _local
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of x over the masked positions of the whole batch: the
+    counts and sums are reduced before dividing, so split batches get the one-process result."""
+    mask = mask.to(x.dtype)
+    count = reduce(mask.sum())
+    mean = reduce((x * mask).sum()) / count.clamp_min(1)
+    var = reduce(((x - mean) ** 2 * mask).sum()) / (count.clamp_min(2) - 1)
+    return mean, var
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _local) -> torch.Tensor:
     """Unbiased variance of x over the masked positions."""
-    mean = masked_mean(x, mask)
-    n = mask.sum().clamp_min(2)
-    return ((x - mean) ** 2 * mask).sum() / (n - 1)
+    return masked_moments(x, mask, reduce)[1]
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Reduce = _local,
 ) -> torch.Tensor:
     """x scaled to unit variance over the masked positions (and zero mean if shift_mean);
     padding comes out as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_moments(x, mask, reduce)
     white = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
@@ -125,11 +148,14 @@ def clipped_value_loss(
     return loss, masked_mean((err_clipped > err).float(), mask).detach()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _local
+) -> float:
     """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than a
     constant, negative worse."""
-    var = masked_var(returns, mask)
-    return float(1 - masked_var(returns - values, mask) / var) if var > 0 else float("nan")
+    var = masked_var(returns, mask, reduce)
+    unexplained = masked_var(returns - values, mask, reduce)
+    return float(1 - unexplained / var) if var > 0 else float("nan")
 
 
 def adaptive_beta(beta: float, kl: float, target: float, horizon: int, n: int) -> float:

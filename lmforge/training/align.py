@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.config import to_dict
 from lmforge.data.world_tasks import TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError
@@ -33,6 +35,7 @@ from lmforge.feedback.sampling import (
 from lmforge.generation.generate import SamplingConfig
 from lmforge.models.decoder import Decoder
 from lmforge.models.reward import RewardModel
+from lmforge.objectives.rl import masked_mean
 from lmforge.runtime import seed_everything
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import jinja_template
@@ -217,14 +220,26 @@ def iteration_rollout(
     iteration: int,
     prompts: int,
     group: int = 1,
-) -> Rollout:
-    """Iteration `iteration`'s rollout: the next `prompts` training prompts of a seeded order
-    that visits them all once per epoch, each sampled `group` times (consecutive rows), with a
-    sampling seed of its own. A pure function of the iteration, so resuming repeats it."""
+) -> tuple[Rollout, slice]:
+    """This rank's part of iteration `iteration`'s rollout, and which of the iteration's
+    `prompts * group` rows it holds.
+
+    The iteration takes the next `prompts` training prompts of a seeded order that visits them
+    all once per epoch, each sampled `group` times (consecutive rows); under torchrun each rank
+    samples an equal, contiguous part of them (whole groups). Every row has a sampling seed of
+    its own, drawn from (sampling seed, iteration, row), so the rollout is a pure function of
+    the iteration whatever the number of ranks: resuming repeats it, and 1 or N processes
+    sample the same responses."""
     order = epoch_order(len(data.train), seed, iteration * prompts, prompts)
-    chosen = [data.train[i] for i in order for _ in range(group)]
-    seeded = SamplingConfig(**{**to_dict(sampling), "seed": sampling.seed + 1000 * iteration})
-    return rollout(policy, tok, chosen, seeded, batch_size=len(chosen))
+    part = distributed.rank_part(prompts, "rollout prompts per iteration (batch_size / group)")
+    rows = range(part.start * group, part.stop * group)
+    chosen = [data.train[order[r // group]] for r in rows]
+    row_seeds = [
+        int(np.random.SeedSequence([sampling.seed % 2**32, iteration, r]).generate_state(1)[0])
+        for r in rows
+    ]
+    ro = rollout(policy, tok, chosen, sampling, batch_size=len(chosen), row_seeds=row_seeds)
+    return ro, slice(rows.start, rows.stop)
 
 
 def minibatches(
@@ -237,6 +252,51 @@ def minibatches(
         perm = torch.randperm(n, generator=gen).to(device)
         for i in range(0, n, size):
             yield perm[i : i + size]
+
+
+def rank_minibatches(
+    mask: torch.Tensor, n: int, part: slice, size: int, epochs: int, seed: int
+) -> Iterator[tuple[torch.Tensor, float]]:
+    """`minibatches` of an iteration's n rows, of which this rank holds rows `part` (response
+    mask (len(part), R)): per minibatch, the indices of this rank's rows in it and their
+    weight, the part of the minibatch's response tokens they hold times the number of ranks.
+
+    A rank's token mean times its weight makes DDP's average over ranks the minibatch's token
+    mean, as one process computes it (weight 1). A rank holding no row of a minibatch gets row
+    0 with weight 0: it must still join the gradient all-reduce."""
+    world = distributed.world_size()
+    for rows in minibatches(n, size, epochs, seed, mask.device):
+        mine = rows[(rows >= part.start) & (rows < part.stop)] - part.start
+        tokens = mask[mine].sum()
+        weight = float(tokens / distributed.total(tokens).clamp_min(1)) * world
+        yield (mine if len(mine) else mine.new_zeros(1)), weight
+
+
+def policy_stats(
+    pg_loss: torch.Tensor, pg_stats: dict[str, torch.Tensor], ent: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """What PPO and GRPO log of a minibatch's clipped surrogate: token means over its rows."""
+    return {
+        "policy_loss": pg_loss.item(),
+        "entropy": float(masked_mean(ent.detach(), mask)),
+        "clipfrac": float(pg_stats["clipfrac"]),
+        "approx_kl": float(pg_stats["approx_kl"]),
+    }
+
+
+def reduced_stats(stats: dict[str, float], weight: float) -> dict[str, float]:
+    """Token means over this rank's rows of a minibatch, with the weight `rank_minibatches`
+    gave them -> the token means over the whole minibatch (summed over ranks, not a mean of
+    each rank's means)."""
+    w = weight / distributed.world_size()
+    return dict(zip(stats, distributed.all_sum(*(v * w for v in stats.values())), strict=True))
+
+
+def rollout_means(**per_row: torch.Tensor) -> dict[str, float]:
+    """The mean of each per-row statistic (B,) over the iteration's rows on every rank."""
+    n = len(next(iter(per_row.values())))
+    *sums, count = distributed.all_sum(*(float(v.sum()) for v in per_row.values()), n)
+    return {k: v / count for k, v in zip(per_row, sums, strict=True)}
 
 
 def mean_stats(steps: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -254,7 +314,8 @@ def warn(
         if name not in warned:
             warned.add(name)
             row.setdefault("warnings", []).append(name)
-            tqdm.write(f"warning (iteration {row['step']}): {message}", file=sys.stderr)
+            if distributed.is_main():  # every rank holds the same (reduced) rows
+                tqdm.write(f"warning (iteration {row['step']}): {message}", file=sys.stderr)
 
 
 def eval_row(

@@ -4,7 +4,8 @@ Each iteration samples G responses for each of P prompts, scores them (the world
 checker by default: RL with verifiable rewards; or the gold reward, or a reward model), turns
 the scores into advantages by standardising within each prompt's group, and takes `epochs`
 passes of minibatch updates on PPO's clipped token-level surrogate plus beta * k3 KL to the
-frozen reference. Same skeleton, seeding and resume guarantees as `training/ppo.py`.
+frozen reference. Same skeleton, seeding, resume guarantees and torchrun split as
+`training/ppo.py`; under torchrun each rank samples whole groups, so group advantages are local.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.config import check, opt
 from lmforge.data.world_tasks import TaskConfig
 from lmforge.generation.generate import SamplingConfig
-from lmforge.models.decoder import Decoder
 from lmforge.objectives.grpo import group_advantages
 from lmforge.objectives.rl import clipped_policy_loss, kl_penalty, masked_mean
 from lmforge.training.align import (
     eval_row,
     iteration_rollout,
     mean_stats,
-    minibatches,
     open_run,
     policy_run_config,
+    policy_stats,
+    rank_minibatches,
+    reduced_stats,
+    rollout_means,
     start_rl,
     warn,
 )
@@ -37,7 +41,7 @@ from lmforge.training.checkpoint import load_state, save_checkpoint
 from lmforge.training.diagnostics import DiagnosticsConfig
 from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
-from lmforge.training.rollout import REWARDS, Rollout, response_logprobs
+from lmforge.training.rollout import REWARDS, Rollout, UpdateForward, response_logprobs
 from lmforge.training.rundir import final_row, run_dir
 
 
@@ -101,9 +105,11 @@ def grpo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Optimise the policy in `out` with GRPO; return the final metrics row."""
-    s = start_rl(cfg, out, resume, overwrite)
+    s = start_rl(cfg, out, resume, overwrite, multi_process=True)
     policy, reference, tok, rm, data = s.policy, s.reference, s.tok, s.rm, s.data
+    progress = progress and distributed.is_main()
     optimizer = build_optimizer(policy, cfg.optim)
+    forward = distributed.wrap(UpdateForward(policy), s.device)
     run_config = policy_run_config("grpo", f"grpo-{cfg.reward}", cfg, s)
     T, G = cfg.train.max_steps, cfg.group_size
     P = cfg.train.batch_size // G
@@ -124,7 +130,9 @@ def grpo(
             )
         if start >= T:
             metrics.close()
-            tqdm.write(f"{out}: already complete at iteration {start} (raise train.max_steps)")
+            distributed.print0(
+                f"{out}: already complete at iteration {start} (raise train.max_steps)"
+            )
             return final_row(out)
 
         bar = step_bar("grpo", T, start, progress)
@@ -133,7 +141,7 @@ def grpo(
         for it in range(start, T):
             set_lr(optimizer, lr_at(it, T, cfg.optim), cfg.optim.lr)
             t0 = time.perf_counter()
-            ro = iteration_rollout(
+            ro, part = iteration_rollout(
                 policy,
                 tok,
                 data,
@@ -146,25 +154,29 @@ def grpo(
             t_gen = time.perf_counter() - t0
             with torch.no_grad():
                 raw = REWARDS[cfg.reward](ro, rm)
-                adv = group_advantages(raw.view(P, G), cfg.scale_advantages).view(-1)
+                groups = raw.view(-1, G)  # this rank's whole groups
+                adv = group_advantages(groups, cfg.scale_advantages).view(-1)
                 old_logp, _ = response_logprobs(policy, ro, cfg.sampling.temperature)
                 ref_logp, _ = response_logprobs(reference, ro, cfg.sampling.temperature)
-            stats = _update(cfg, policy, optimizer, ro, old_logp, ref_logp, adv, it)
+            stats = _update(cfg, forward, optimizer, ro, part, old_logp, ref_logp, adv, it)
             done = it + 1
             bar.update(1)
+            per_row = {
+                "score": raw,
+                "kl": (old_logp - ref_logp).sum(1),
+                "response_len": ro.mask.sum(1),
+                "stop_rate": ro.stopped.float(),
+            }
+            if cfg.reward != "gold" and all(p.task is not None for p in ro.prompts):
+                per_row["gold"] = REWARDS["gold"](ro, None)
             row: dict[str, Any] = {
                 "step": done,
-                "score": float(raw.mean()),
-                "kl": float((old_logp - ref_logp).sum(1).mean()),
-                "solved_groups": float((raw.view(P, G).std(dim=1) == 0).float().mean()),
-                "response_len": float(ro.mask.sum(1).mean()),
-                "stop_rate": float(ro.stopped.float().mean()),
+                **rollout_means(**per_row),
+                **rollout_means(solved_groups=(groups.std(dim=1) == 0).float()),
                 **stats,
                 "gen_s": t_gen,
                 "iter_s": time.perf_counter() - t0,
             }
-            if cfg.reward != "gold" and all(p.task is not None for p in ro.prompts):
-                row["gold"] = float(REWARDS["gold"](ro, None).mean())
             warn(history, row, cfg.diagnostics, warned)
             bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.2f}")
             if due(done, cfg.train.eval_every, T) and data.eval:
@@ -183,36 +195,34 @@ def grpo(
 
 def _update(
     cfg: GRPOConfig,
-    policy: Decoder,
+    forward: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ro: Rollout,
+    part: slice,
     old_logp: torch.Tensor,
     ref_logp: torch.Tensor,
     adv: torch.Tensor,
     it: int,
 ) -> dict[str, float]:
+    """`epochs` passes of minibatches over the iteration's rows (this rank's: `part`), as in
+    `ppo.ppo_update`; the mean of each statistic over them."""
     steps = []
     seed = cfg.train.seed * 1_000_003 + it
-    for rows in minibatches(len(ro), cfg.minibatch_size, cfg.epochs, seed, ro.ids.device):
+    n, size = cfg.train.batch_size, cfg.minibatch_size
+    for rows, weight in rank_minibatches(ro.mask, n, part, size, cfg.epochs, seed):
         mb = ro.select(rows)
-        logp, ent = response_logprobs(policy, mb, cfg.sampling.temperature, with_entropy=True)
+        logp, ent, _ = forward(mb, cfg.sampling.temperature)
         token_adv = adv[rows, None].expand_as(logp)
         pg_loss, pg_stats = clipped_policy_loss(logp, old_logp[rows], token_adv, mb.mask, cfg.clip)
         kl = masked_mean(kl_penalty(logp, ref_logp[rows], "k3"), mb.mask)
-        loss = pg_loss + cfg.kl_coef * kl
-        check_finite(loss.detach(), it + 1, "loss")
-        loss.backward()
+        ((pg_loss + cfg.kl_coef * kl) * weight).backward()
+        mine = {**policy_stats(pg_loss, pg_stats, ent, mb.mask), "kl_term": kl.item()}
+        stats = reduced_stats(mine, weight)
+        loss = stats["policy_loss"] + cfg.kl_coef * stats["kl_term"]
+        check_finite(torch.tensor(loss), it + 1, "loss")  # before any update reaches the weights
         if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(forward.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        steps.append(
-            {
-                "policy_loss": pg_loss.item(),
-                "kl_term": kl.item(),
-                "entropy": float(masked_mean(ent.detach(), mb.mask)) if ent is not None else 0.0,
-                "clipfrac": float(pg_stats["clipfrac"]),
-                "approx_kl": float(pg_stats["approx_kl"]),
-            }
-        )
+        steps.append(stats)
     return mean_stats(steps)

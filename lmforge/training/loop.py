@@ -73,8 +73,9 @@ def setup_device(
     world = distributed.launched_world_size()
     if world > 1 and not multi_process:
         raise UserError(
-            f"WORLD_SIZE={world}: this stage runs in one process only (pretrain, sft, reward "
-            "and dpo run under torchrun); start it without torchrun or with --nproc-per-node 1"
+            f"WORLD_SIZE={world}: this stage runs in one process only (pretrain, sft, reward, "
+            "dpo, ppo and grpo run under torchrun); start it without torchrun or with "
+            "--nproc-per-node 1"
         )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -16,6 +16,11 @@ SFT model. One iteration, read top to bottom in `ppo`:
 
 Everything random in an iteration is seeded by (seed, iteration), so a killed run resumes
 exactly from its last checkpoint (policy, critic, optimizer, KL coefficient and position).
+
+Under torchrun each rank samples and scores its part of every rollout (`iteration_rollout`);
+advantages are whitened with the whole batch's statistics, each minibatch's gradient is the
+token mean over every rank's rows of it (DDP averages the ranks' weighted parts), and logged
+numbers are reduced over ranks, so N processes follow one process's run.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.config import check, opt
 from lmforge.data.world_tasks import TaskConfig
 from lmforge.errors import UserError
@@ -42,7 +48,7 @@ from lmforge.objectives.rl import (
     explained_variance,
     gae,
     kl_penalty,
-    masked_mean,
+    masked_moments,
     masked_whiten,
     token_rewards,
 )
@@ -50,9 +56,12 @@ from lmforge.training.align import (
     eval_row,
     iteration_rollout,
     mean_stats,
-    minibatches,
     open_run,
     policy_run_config,
+    policy_stats,
+    rank_minibatches,
+    reduced_stats,
+    rollout_means,
     start_rl,
     warn,
 )
@@ -60,7 +69,7 @@ from lmforge.training.checkpoint import load_state, save_model_dir, save_state
 from lmforge.training.diagnostics import DiagnosticsConfig
 from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
-from lmforge.training.rollout import REWARDS, Rollout, response_logprobs
+from lmforge.training.rollout import REWARDS, Rollout, UpdateForward, response_logprobs
 from lmforge.training.rundir import final_row, run_dir
 
 
@@ -137,11 +146,15 @@ def ppo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Optimise the policy in `out` with PPO; return the final metrics row."""
-    s = start_rl(cfg, out, resume, overwrite)
+    s = start_rl(cfg, out, resume, overwrite, multi_process=True)
     policy, reference, tok, rm, data, device = s.policy, s.reference, s.tok, s.rm, s.data, s.device
+    progress = progress and distributed.is_main()
     critic = _critic(cfg, policy, rm, device)
     optimizer = build_optimizer(policy, cfg.optim, also=[(critic, cfg.critic_lr)])
     both = torch.nn.ModuleDict({"policy": policy, "critic": critic})
+    # the critic's LM head (or all of it, for a reward-model trunk) gets no gradient
+    model = UpdateForward(policy, critic)
+    forward = distributed.wrap(model, device, unused_params=True)
     run_config = policy_run_config("ppo", "ppo", cfg, s)
     B, T = cfg.train.batch_size, cfg.train.max_steps
 
@@ -163,7 +176,9 @@ def ppo(
             metrics.log({"step": 0, **ev0})
         if start >= T:
             metrics.close()
-            tqdm.write(f"{out}: already complete at iteration {start} (raise train.max_steps)")
+            distributed.print0(
+                f"{out}: already complete at iteration {start} (raise train.max_steps)"
+            )
             return final_row(out)
 
         bar = step_bar("ppo", T, start, progress)
@@ -172,17 +187,19 @@ def ppo(
         for it in range(start, T):
             set_lr(optimizer, lr_at(it, T, cfg.optim), cfg.optim.lr)
             t0 = time.perf_counter()
-            ro = iteration_rollout(
+            ro, part = iteration_rollout(
                 policy, tok, data, cfg.sampling, seed=cfg.train.seed, iteration=it, prompts=B
             )
             t_gen = time.perf_counter() - t0
 
-            # Score, per-token rewards and advantages: no gradients.
+            # Score, per-token rewards and advantages: no gradients. Batch statistics are
+            # those of the whole rollout, over every rank's rows.
             with torch.no_grad():
                 raw = REWARDS[cfg.reward](ro, rm)
                 score = raw - cfg.no_eos_penalty * (~ro.stopped).float()
                 if cfg.score_norm == "batch":
-                    score = (score - score.mean()) / (score.std() + 1e-8)
+                    mean, var = masked_moments(score, torch.ones_like(score), distributed.total)
+                    score = (score - mean) / (var.sqrt() + 1e-8)
                 if cfg.score_clip:
                     score = score.clamp(-cfg.score_clip, cfg.score_clip)
                 old_logp, _ = response_logprobs(policy, ro, cfg.sampling.temperature)
@@ -191,30 +208,35 @@ def ppo(
                 kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * ro.mask
                 rewards = token_rewards(score, kl, beta, ro.mask)
                 adv, returns = gae(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
-                adv = masked_whiten(adv, ro.mask)
+                adv = masked_whiten(adv, ro.mask, reduce=distributed.total)
 
             stats = ppo_update(
-                cfg, policy, critic, optimizer, ro, old_logp, old_values, adv, returns, it
+                cfg, model, forward, optimizer, ro, part, old_logp, old_values, adv, returns, it
             )
             done = it + 1
             bar.update(1)
-            # k1 summed over each response: an unbiased estimate of the sequences' KL
-            seq_kl = float((old_logp - ref_logp).sum(1).mean())
+            per_row = {
+                "score": raw,
+                # k1 summed over each response: an unbiased estimate of the sequences' KL
+                "kl": (old_logp - ref_logp).sum(1),
+                "response_len": ro.mask.sum(1),
+                "stop_rate": ro.stopped.float(),
+            }
+            if all(p.task is not None for p in ro.prompts):
+                per_row["gold"] = raw if cfg.reward == "gold" else REWARDS["gold"](ro, None)
+            means = rollout_means(**per_row)
+            seq_kl = means["kl"]
             row: dict[str, Any] = {
                 "step": done,
-                "score": float(raw.mean()),
-                "kl": seq_kl,
+                **means,
                 "kl_coef": beta,
-                "response_len": float(ro.mask.sum(1).mean()),
-                "stop_rate": float(ro.stopped.float().mean()),
-                "explained_var": explained_variance(old_values, returns, ro.mask),
+                "explained_var": explained_variance(
+                    old_values, returns, ro.mask, distributed.total
+                ),
                 **stats,
                 "gen_s": t_gen,
                 "iter_s": time.perf_counter() - t0,
             }
-            if all(p.task is not None for p in ro.prompts):
-                gold = raw if cfg.reward == "gold" else REWARDS["gold"](ro, None)
-                row["gold"] = float(gold.mean())
             if cfg.adaptive_kl:
                 beta = adaptive_beta(beta, seq_kl, cfg.target_kl, cfg.kl_horizon, B)
             warn(history, row, cfg.diagnostics, warned)
@@ -224,7 +246,7 @@ def ppo(
             if due(done, cfg.train.log_every, T):
                 metrics.log(row)
                 last.update(row)
-            if due(done, cfg.train.ckpt_every, T):
+            if due(done, cfg.train.ckpt_every, T) and distributed.is_main():
                 meta = {
                     "stage": "ppo",
                     "autocast": str(s.dtype).removeprefix("torch."),
@@ -256,43 +278,44 @@ def _critic(
 
 def ppo_update(
     cfg: PPOConfig,
-    policy: Decoder,
-    critic: RewardModel,
+    model: UpdateForward,
+    forward: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ro: Rollout,
+    part: slice,
     old_logp: torch.Tensor,
     old_values: torch.Tensor,
     adv: torch.Tensor,
     returns: torch.Tensor,
     it: int,
 ) -> dict[str, float]:
-    """ppo_epochs passes of shuffled minibatches; the mean of each statistic over them."""
+    """ppo_epochs passes of shuffled minibatches of the iteration's rows, of which this rank
+    holds `part` (its `ro`); `forward` is `model`, DDP-wrapped under torchrun. Returns
+    the mean of each statistic over the minibatches."""
     steps = []
     seed = cfg.train.seed * 1_000_003 + it
-    for rows in minibatches(len(ro), cfg.minibatch_size, cfg.ppo_epochs, seed, ro.ids.device):
+    n, size = cfg.train.batch_size, cfg.minibatch_size
+    for rows, weight in rank_minibatches(ro.mask, n, part, size, cfg.ppo_epochs, seed):
         mb = ro.select(rows)
-        logp, ent = response_logprobs(policy, mb, cfg.sampling.temperature, with_entropy=True)
+        logp, ent, values = forward(mb, cfg.sampling.temperature)
         pg_loss, pg_stats = clipped_policy_loss(logp, old_logp[rows], adv[rows], mb.mask, cfg.clip)
-        values = mb.gather(critic.values(mb.ids))
         v_loss, v_clipfrac = clipped_value_loss(
             values, old_values[rows], returns[rows], mb.mask, cfg.value_clip
         )
-        loss = pg_loss + cfg.value_coef * v_loss
-        check_finite(loss.detach(), it + 1, "loss")  # before any update reaches the weights
-        loss.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.grad_clip)
+        ((pg_loss + cfg.value_coef * v_loss) * weight).backward()
+        mine = {
+            **policy_stats(pg_loss, pg_stats, ent, mb.mask),
+            "value_loss": v_loss.item(),
+            "value_clipfrac": float(v_clipfrac),
+        }
+        stats = reduced_stats(mine, weight)
+        loss = stats["policy_loss"] + cfg.value_coef * stats["value_loss"]
+        check_finite(torch.tensor(loss), it + 1, "loss")  # before any update reaches the weights
+        if cfg.optim.grad_clip:  # on gradients DDP has already averaged: the same on every rank
+            for part_model in (model.policy, model.critic):
+                assert part_model is not None
+                torch.nn.utils.clip_grad_norm_(part_model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        steps.append(
-            {
-                "policy_loss": pg_loss.item(),
-                "value_loss": v_loss.item(),
-                "entropy": float(masked_mean(ent.detach(), mb.mask)) if ent is not None else 0.0,
-                "clipfrac": float(pg_stats["clipfrac"]),
-                "approx_kl": float(pg_stats["approx_kl"]),
-                "value_clipfrac": float(v_clipfrac),
-            }
-        )
+        steps.append(stats)
     return mean_stats(steps)

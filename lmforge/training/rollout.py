@@ -92,15 +92,19 @@ def rollout(
     prompts: Sequence[Prompt],
     sampling: SamplingConfig,
     batch_size: int = 64,
+    row_seeds: Sequence[int] | None = None,
 ) -> Rollout:
     """One sampled response per prompt (repeat a prompt in `prompts` for several), on the
-    policy's device."""
+    policy's device. `row_seeds`: a sampling seed per prompt (see `generate`), in place of
+    `sampling.seed`."""
     eot = end_of_turn_id(tok)
     ids = prompt_ids(tok, prompts)
     responses: list[list[int]] = []
     for b, i in enumerate(range(0, len(ids), batch_size)):
         cfg = SamplingConfig(**{**sampling.__dict__, "seed": sampling.seed + b})
-        responses += generate(policy, ids[i : i + batch_size], cfg, eos_id=eot, pad_id=tok.pad_id)
+        seeds = None if row_seeds is None else row_seeds[i : i + batch_size]
+        part = ids[i : i + batch_size]
+        responses += generate(policy, part, cfg, eos_id=eot, pad_id=tok.pad_id, row_seeds=seeds)
     stopped = [len(r) < sampling.max_new_tokens for r in responses]  # eot took a slot
     texts = [tok.decode(r) for r in responses]
     full = [r + [eot] if s else r for r, s in zip(responses, stopped, strict=True)]
@@ -141,6 +145,25 @@ def response_logprobs(
         logits = logits / temperature
     logp = token_logprobs(logits, ro.response) * ro.mask
     return logp, (entropy(logits) * ro.mask if with_entropy else None)
+
+
+class UpdateForward(torch.nn.Module):
+    """The policy (and PPO's critic) behind one `forward` that gives what a minibatch update
+    needs: DDP averages the gradients of the modules it wraps only when their forward runs
+    through it, so under torchrun `distributed.wrap` wraps this."""
+
+    def __init__(self, policy: Decoder, critic: RewardModel | None = None):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(
+        self, ro: Rollout, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log-probs (B, R), entropies (B, R), the critic's values (B, R) or None)."""
+        logp, ent = response_logprobs(self.policy, ro, temperature, with_entropy=True)
+        assert ent is not None
+        values = None if self.critic is None else ro.gather(self.critic.values(ro.ids))
+        return logp, ent, values
 
 
 # -------------------------------------------------------------------------------------------

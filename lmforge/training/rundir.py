@@ -6,6 +6,9 @@
   fresh run fails before its first checkpoint, what it wrote is removed again.
 - Under torchrun, rank 0 alone creates, cleans up and writes the folder, and every rank leaves
   the stage only once rank 0's files are complete.
+- When `torchrun --max-restarts` restarts a job's workers, a run resumes from the newest
+  complete checkpoint of the folder its first attempt made, instead of refusing that folder
+  (`restart_resume`).
 - A resumed run keeps its saved config (`run_config.json`, key "run"): only its length and
   bookkeeping (`RESUMABLE`) may change, or it would be a different experiment from the one its
   checkpoint belongs to.
@@ -58,6 +61,36 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
     return None
 
 
+# Written by rank 0 of a fresh run under torchrun: the id of the job (TORCHELASTIC_RUN_ID) that
+# made the folder, so that a restarted attempt knows the folder is its own.
+JOB_MARK = ".torchrun_job"
+
+
+def restart_resume(out: Path, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """This attempt's (resume, overwrite): the flags as given, except in workers that torchrun
+    restarted after a failure (`--max-restarts`) in a folder that an earlier attempt of the
+    same job started afresh (`JOB_MARK`): those resume from its newest complete checkpoint,
+    whatever --overwrite said, or with none yet start afresh over what that attempt left. A
+    folder the first attempt refused (another run's) is refused again."""
+    restarts, job = distributed.restart_count(), distributed.job_id()
+    mark = out / JOB_MARK
+    if restarts == 0 or resume or job is None or not mark.is_file():
+        return resume, overwrite
+    if mark.read_text(encoding="utf-8") != job:
+        return resume, overwrite
+    state = latest_state(out)
+    if state is None:
+        distributed.print0(
+            f"torchrun restart {restarts}: no checkpoint in {out} yet; starting over"
+        )
+        return False, True
+    step = int(json.loads((state / "state.json").read_text(encoding="utf-8"))["step"])
+    distributed.print0(
+        f"torchrun restart {restarts}: resuming from the checkpoint of step {step} in {out}"
+    )
+    return True, False
+
+
 @contextmanager
 def run_dir(out: Path, *, fresh: bool, overwrite: bool) -> Iterator[Path]:
     """Create (or reuse, when resuming) the run folder; clean up a fresh one on failure."""
@@ -67,6 +100,9 @@ def run_dir(out: Path, *, fresh: bool, overwrite: bool) -> Iterator[Path]:
     created = main and fresh and not out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        job = distributed.job_id()
+        if fresh and job is not None:
+            (out / JOB_MARK).write_text(job, encoding="utf-8")
     try:
         yield out
     except BaseException:
