@@ -375,6 +375,10 @@ def label(
     judge under a constitution (--ai; soft labels, asked both ways round)."""
     if sum(x is not None for x in (simulated, serve_file, ai_file)) != 1:
         raise UserError("label: give exactly one of --simulated, --serve or --ai RESPONSES")
+    given = [f for f, v in (("--judge", judge), ("--constitution", constitution),
+                            ("--clamp", clamp)) if v is not None]  # fmt: skip
+    if given and ai_file is None:
+        raise UserError(f"label: {given[0]} is an option of --ai")
     if ai_file is not None:
         flags = {"judge.model": judge, "judge.constitution": constitution, "clamp": clamp}
         cfg = C.load(AILabelConfig, None, [*_flags(flags), *overrides])

@@ -201,6 +201,9 @@ def test_label_ai_command_writes_soft_labels_and_reports_gold_agreement(
     err = fails(capsys, "label", "--ai", str(responses), "--out", str(tmp_path / "x.jsonl"),
                 "--clamp", "0.7..0.9")  # fmt: skip
     assert "field 'clamp'" in err
+    err = fails(capsys, "label", "--simulated", str(responses), "--judge", "rules",
+                "--out", str(tmp_path / "x.jsonl"))  # fmt: skip
+    assert "--judge is an option of --ai" in err
 
 
 def test_cai_revise_command_and_an_lm_judge_on_a_tiny_chat_model(
