@@ -26,6 +26,17 @@ from lmforge.data.preference import Preference, load_preferences
 from lmforge.data.world import WorldConfig, write_world
 from lmforge.errors import UserError
 from lmforge.evaluation.tasks import EvalConfig
+from lmforge.feedback.cai import (
+    AILabelConfig,
+    ReviseConfig,
+    check_responses,
+    label_ai,
+    label_summary,
+    prompt_examples,
+    record_examples,
+    revise_records,
+)
+from lmforge.feedback.judges import make_judge
 from lmforge.feedback.sampling import SampleConfig, file_prompts, sample_responses, world_prompts
 from lmforge.feedback.simulated import Annotator, label_simulated
 from lmforge.generation.chat import ChatSession
@@ -319,7 +330,7 @@ def sample(
     click.echo(f"{out}: {len(records)} prompts x {cfg.n} responses")
 
 
-@cli.command(epilog=_options_epilog(Annotator))
+@cli.command(epilog=_options_epilog(Annotator) + "\n\n" + _options_epilog(AILabelConfig))
 @click.option(
     "--simulated",
     "simulated",
@@ -332,8 +343,20 @@ def sample(
     type=click.Path(dir_okay=False, path_type=Path),
     help="responses.jsonl to rank by hand on a local web page.",
 )
+@click.option(
+    "--ai",
+    "ai_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="responses.jsonl judged by an AI judge under a constitution (RLAIF): soft labels.",
+)
+@click.option("--judge", help="AI: 'rules' (the world's checkers) or a model folder.")
+@click.option("--constitution", help="AI: 'world', 'chat' or a constitution .toml file.")
+@click.option(
+    "--clamp", help="AI: clamp soft labels into LO..HI (e.g. 0.2..0.8; same as clamp=...)."
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="prefs.jsonl")
-@click.option("--overwrite", is_flag=True, help="Simulated: replace an existing output file.")
+@click.option("--overwrite", is_flag=True, help="Simulated/AI: replace an existing output file.")
+@click.option("--quiet", is_flag=True, help="AI: no progress bar.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Serve: address to bind.")
 @click.option("--port", type=int, default=8765, show_default=True, help="Serve: port.")
 @click.option("--allow-remote", is_flag=True, help="Serve: allow a non-loopback address.")
@@ -342,18 +365,44 @@ def sample(
 def label(
     simulated: Path | None,
     serve_file: Path | None,
+    ai_file: Path | None,
+    judge: str | None,
+    constitution: str | None,
+    clamp: str | None,
     out: Path,
     overwrite: bool,
+    quiet: bool,
     host: str,
     port: int,
     allow_remote: bool,
     open_browser: bool,
     overrides: tuple[str, ...],
 ) -> None:
-    """Turn sampled responses into preference records: a simulated annotator (--simulated) or
-    people on a ranking page (--serve; judgments are appended to --out as they come)."""
-    if (simulated is None) == (serve_file is None):
-        raise UserError("label: give exactly one of --simulated RESPONSES or --serve RESPONSES")
+    """Turn sampled responses into preference records: a simulated annotator (--simulated),
+    people on a ranking page (--serve; judgments are appended to --out as they come) or an AI
+    judge under a constitution (--ai; soft labels, asked both ways round)."""
+    if sum(x is not None for x in (simulated, serve_file, ai_file)) != 1:
+        raise UserError("label: give exactly one of --simulated, --serve or --ai RESPONSES")
+    given = [f for f, v in (("--judge", judge), ("--constitution", constitution),
+                            ("--clamp", clamp)) if v is not None]  # fmt: skip
+    if given and ai_file is None:
+        raise UserError(f"label: {given[0]} is an option of --ai")
+    if ai_file is not None:
+        flags = {"judge.model": judge, "judge.constitution": constitution, "clamp": clamp}
+        cfg = C.load(AILabelConfig, None, [*_flags(flags), *overrides])
+        _check_new_file(out, overwrite)
+        records = _responses(ai_file)
+        ai_judge, rules = make_judge(cfg.judge, record_examples(records), load_model)
+        prefs = label_ai(records, ai_judge, cfg, rules, progress=not quiet)
+        atomic_write_jsonl(out, prefs)
+        summary = {
+            k: round(v, 4) if isinstance(v, float) else v for k, v in label_summary(prefs).items()
+        }
+        click.echo(
+            f"{out}: {len(prefs)} preference pairs (soft labels) from {len(records)} "
+            f"prompts; {json.dumps(summary)}"
+        )
+        return
     if serve_file is not None:
         from lmforge.feedback.ranking_page import serve
 
@@ -369,18 +418,106 @@ def label(
     assert simulated is not None
     annotator = C.load(Annotator, None, overrides)
     _check_new_file(out, overwrite)
-    records = [rec for _, rec in read_jsonl(simulated)]
-    for i, rec in enumerate(records, start=1):
-        if not isinstance(rec, dict) or not isinstance(rec.get("responses"), list):
-            raise UserError(f"{simulated}:{i}: expected a responses record (see lmforge sample)")
-    prefs = label_simulated(records, annotator)  # type: ignore[arg-type]
+    records = _responses(simulated)
+    prefs = label_simulated(records, annotator)
     atomic_write_jsonl(out, prefs)
     click.echo(f"{out}: {len(prefs)} preference pairs from {len(records)} prompts")
+
+
+def _responses(path: Path) -> list[dict[str, Any]]:
+    records = [rec for _, rec in read_jsonl(path)]
+    check_responses(records, str(path))
+    return records  # type: ignore[return-value]
+
+
+def _flags(values: Mapping[str, str | None]) -> list[str]:
+    """KEY=VALUE overrides for the options given as flags."""
+    return [f"{k}={v}" for k, v in values.items() if v is not None]
 
 
 def _check_new_file(out: Path, overwrite: bool) -> None:
     if out.exists() and (out.is_dir() or not overwrite):
         raise UserError(f"{out}: already exists; use --overwrite to replace it")
+
+
+# ---------------------------------------------------------------------------------------------
+# cai
+
+
+@cli.group()
+def cai() -> None:
+    """Constitutional AI: critique-revision data from an AI judge (SL-CAI). For AI preference
+    labels (RLAIF) see `lmforge label --ai`."""
+
+
+@cai.command("revise", epilog=_options_epilog(ReviseConfig))
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The chat model whose responses are revised (the SFT model).",
+)
+@click.option(
+    "--prompts",
+    default="world",
+    show_default=True,
+    help="'world' (the tasks' prompts, sample.split=...) or a .jsonl of {prompt} / {messages}.",
+)
+@click.option("--judge", help="'rules' (the world's checkers) or a model folder (judge.model).")
+@click.option("--constitution", help="'world', 'chat' or a .toml file (judge.constitution).")
+@click.option("--rounds", type=int, help="Critique-revision rounds per response (rounds=...).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SFT records (prompt -> final revision), for `lmforge sft --data`.",
+)
+@click.option(
+    "--prefs",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Preference records (revision over initial response) [OUT_prefs.jsonl].",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def cai_revise(
+    model_dir: Path,
+    prompts: str,
+    judge: str | None,
+    constitution: str | None,
+    rounds: int | None,
+    out: Path,
+    prefs: Path | None,
+    overwrite: bool,
+    quiet: bool,
+    overrides: tuple[str, ...],
+) -> None:
+    """Sample a response per prompt from MODEL, critique it under a randomly drawn principle,
+    revise it, ROUNDS times; write the final revisions as SFT data and as preferences."""
+    flags = {
+        "judge.model": judge,
+        "judge.constitution": constitution,
+        "rounds": None if rounds is None else str(rounds),
+    }
+    cfg = C.load(ReviseConfig, None, [*_flags(flags), *overrides])
+    prefs = prefs or out.with_name(out.stem + "_prefs.jsonl")
+    for path in (out, prefs):
+        _check_new_file(path, overwrite)
+    world = prompts == "world"
+    plist = world_prompts(cfg.sample) if world else file_prompts(Path(prompts), cfg.sample.limit)
+    # The judge first: a bad constitution or judge folder fails before any sampling.
+    ai_judge, rules = make_judge(cfg.judge, prompt_examples(plist), load_model)
+    model, tok, _ = load_model(model_dir)
+    records = sample_responses(model, tok, plist, cfg.sample, str(model_dir), progress=not quiet)
+    sft_recs, pref_recs, row = revise_records(
+        records, ai_judge, rules, cfg.rounds, cfg.seed, progress=not quiet
+    )
+    atomic_write_jsonl(out, sft_recs)
+    atomic_write_jsonl(prefs, pref_recs)
+    click.echo(f"SFT records (prompt -> revision): {out} ({len(sft_recs)})")
+    click.echo(f"preference records (revision over initial): {prefs} ({len(pref_recs)})")
+    click.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from lmforge import config as C
 from lmforge.config import check, opt
 from lmforge.errors import UserError
 from lmforge.evaluation.tasks import EvalConfig
+from lmforge.feedback.cai import AILabelConfig
 from lmforge.feedback.sampling import SampleConfig
 from lmforge.feedback.simulated import Annotator
 from lmforge.training.best_of_n import BestOfNConfig
@@ -42,6 +43,10 @@ STAGES = (
 FOLDERS = {s: s for s in STAGES} | {"pretrain": "base", "reward": "rm", "report": "report.md"}
 
 
+# The label stage's config by source of feedback (`RunOptions.feedback`).
+FEEDBACK: dict[str, type] = {"simulated": Annotator, "ai": AILabelConfig}
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
     """The recipe's top-level keys (everything outside the stage sections)."""
@@ -54,6 +59,11 @@ class RunOptions:
         True, "world prompts: also sample the val split, for the reward model's held-out pairs"
     )
     conversations: int = opt(3, "report: sample conversations shown per model")
+    feedback: str = opt(
+        "simulated",
+        "label stage: 'simulated' annotators ([label] holds their options) or 'ai', an AI judge "
+        "under a constitution ([label] holds `lmforge label --ai` options: judge, swap, clamp)",
+    )
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
@@ -63,6 +73,7 @@ class RunOptions:
         check(len(set(self.stages)) == len(self.stages), "stages", "a stage is listed twice")
         check(self.name != "" and "/" not in self.name, "name", "must be a plain, non-empty name")
         check(self.conversations >= 0, "conversations", "must be >= 0")
+        check(self.feedback in FEEDBACK, "feedback", f"must be one of {', '.join(FEEDBACK)}")
 
 
 # Each section's config class, and the recipe's defaults where they differ from the command's:
@@ -171,6 +182,8 @@ def load_recipe(
                     tok["path"] = out("tokenizer")
                     stage_deps.append("tokenizer")
         cls, defaults = SECTIONS["pretrain" if stage == "tokenizer" else stage]
+        if stage == "label":
+            cls = FEEDBACK[options.feedback]
         where = "pretrain" if stage == "tokenizer" else stage
         configs[stage] = C.build(cls, C.merge(defaults, section), f"{source}: [{where}]")
         deps[stage] = tuple(stage_deps)

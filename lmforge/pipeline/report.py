@@ -205,7 +205,7 @@ def _reward(r: Run) -> tuple[list[Block], dict[str, Any]]:
               Block("table", header=("train pairs", "val pairs", "annotators agree with gold",
                                      "RM val accuracy", "noise ceiling", "RM agrees with gold",
                                      "RM: correct over wrong"), rows=(row,)),
-              Block("img", "plots/reward_loss.png")]  # fmt: skip
+              *_ai_labels(label), Block("img", "plots/reward_loss.png")]  # fmt: skip
     if rm.get("val_calibration"):
         cal = rm["val_calibration"]
         plots["reward_calibration.png"] = {
@@ -214,6 +214,21 @@ def _reward(r: Run) -> tuple[list[Block], dict[str, Any]]:
             "diagonal": True, "markers": True}  # fmt: skip
         blocks.append(Block("img", "plots/reward_calibration.png"))
     return blocks, plots
+
+
+def _ai_labels(label: dict[str, Any]) -> list[Block]:
+    """With AI feedback (recipe `feedback = "ai"`), how its labels compare with the simulated
+    annotators' on the same pairs."""
+    if label.get("source") != "ai":
+        return []
+    judge = label.get("judge", {}).get("judge", {})
+    return [Block("p", f"Labels from an AI judge ({judge.get('model')}, constitution "
+                       f"{judge.get('constitution')}), soft, mean {fmt(label.get('mean_label'))}. "
+                       f"Where the gold reward decides a pair they side with it "
+                       f"{fmt(label.get('gold_agreement'))} of the time; simulated annotators "
+                       f"would {fmt(label.get('annotator_gold_agreement'))}. Expected agreement "
+                       f"of the simulated annotators with the AI labels: "
+                       f"{fmt(label.get('annotator_agreement'))}.")]  # fmt: skip
 
 
 def _model_row(r: Run, model: str) -> dict[str, Any]:

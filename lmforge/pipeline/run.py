@@ -30,6 +30,8 @@ import torch
 from lmforge import config as C
 from lmforge.data.corpora import load_corpus, read_jsonl
 from lmforge.errors import UserError
+from lmforge.feedback.cai import AILabelConfig, label_ai, label_summary, record_examples
+from lmforge.feedback.judges import make_judge
 from lmforge.feedback.sampling import file_prompts, sample_responses, world_prompts
 from lmforge.feedback.simulated import Annotator, label_simulated
 from lmforge.io import atomic_dir, atomic_write_json, atomic_write_jsonl
@@ -217,16 +219,18 @@ def _best_of_n(cfg: Any, out: Path, resume: bool, progress: bool) -> dict[str, A
 
 
 def _label(
-    annotator: Annotator, sample: Path, out: Path, resume: bool, progress: bool
+    labeller: Annotator | AILabelConfig, sample: Path, out: Path, resume: bool, progress: bool
 ) -> dict[str, Any]:
-    files = {}
+    inputs = {}
     for src, dst in (
         ("responses.jsonl", "prefs.jsonl"),
         ("responses_val.jsonl", "prefs_val.jsonl"),
     ):
         if (sample / src).exists():
-            records: list[dict[str, Any]] = [rec for _, rec in read_jsonl(sample / src)]  # type: ignore[misc]
-            files[dst] = label_simulated(records, annotator)
+            inputs[dst] = [rec for _, rec in read_jsonl(sample / src)]
+    if isinstance(labeller, AILabelConfig):
+        return _label_ai(labeller, inputs, out, progress)  # type: ignore[arg-type]
+    files = {dst: label_simulated(recs, labeller) for dst, recs in inputs.items()}  # type: ignore[arg-type]
     pairs = [p for recs in files.values() for p in recs]
     decided = [p for p in pairs if p["gold_chosen"] != p["gold_rejected"]]
     row = {
@@ -236,7 +240,29 @@ def _label(
         "gold_agreement": sum(p["gold_chosen"] > p["gold_rejected"] for p in decided)
         / max(1, len(decided)),
         "ceiling": sum(max(p["p_chosen"], 1 - p["p_chosen"]) for p in pairs) / max(1, len(pairs)),
-        "annotator": C.to_dict(annotator),
+        "annotator": C.to_dict(labeller),
+    }
+    return _write_stage(out, row, files)
+
+
+def _label_ai(
+    cfg: AILabelConfig, inputs: dict[str, list[dict[str, Any]]], out: Path, progress: bool
+) -> dict[str, Any]:
+    """RLAIF labels in place of the simulated annotators, with how they agree with the gold
+    reward and with the simulated annotators on the same pairs (the report compares them)."""
+    every = [rec for recs in inputs.values() for rec in recs]
+    judge, constitution = make_judge(cfg.judge, record_examples(every), load_model)
+    files = {
+        dst: label_ai(recs, judge, cfg, constitution, progress) for dst, recs in inputs.items()
+    }
+    pairs = [p for recs in files.values() for p in recs]
+    row = {
+        **label_summary(pairs),
+        "pairs": len(files["prefs.jsonl"]),
+        "val_pairs": len(files.get("prefs_val.jsonl", [])),
+        "ceiling": sum(p["label"] for p in pairs) / max(1, len(pairs)),  # labels are >= 0.5
+        "source": "ai",
+        "judge": C.to_dict(cfg),
     }
     return _write_stage(out, row, files)
 
