@@ -106,7 +106,7 @@ edits = st.lists(
 )
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(config_edits=edits, state_edits=edits)
 def test_mangled_model_configs_and_resume_state_are_refused_with_one_line(
     tiny_decoder: Path, config_edits: list[Any], state_edits: list[Any]
