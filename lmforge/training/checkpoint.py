@@ -178,7 +178,8 @@ def load_state(
         isinstance(step, bool)
         or not isinstance(step, int)
         or step < 0
-        or meta.get("autocast") not in DTYPES
+        or not isinstance(meta.get("autocast"), str)
+        or meta["autocast"] not in DTYPES
         or not isinstance(meta.get("param_groups"), list)
     ):
         raise UserError(f"{state_dir / 'state.json'}: not a resume state (step, autocast, groups)")
