@@ -30,6 +30,7 @@ from lmforge.models import FAMILIES, Model
 from lmforge.models.hf import import_hf, is_hf_dir
 from lmforge.models.reward import RewardModel
 from lmforge.models.transformer import Transformer, TransformerConfig
+from lmforge.runtime import DTYPES
 from lmforge.tokenizers import Tokenizer, load_tokenizer
 
 STATE_DIR = "state"
@@ -53,9 +54,23 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{model_dir}: not a model folder (no config.json)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise UserError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return config
+
+
+def _model_config(config: dict[str, Any], model_dir: Path) -> tuple[TransformerConfig, int]:
+    """The saved model shape and the extra (sentinel) ids past the tokenizer's vocabulary."""
+    source = str(model_dir / "config.json")
+    if not isinstance(config.get("model"), dict):
+        raise UserError(f"{source}: field 'model': missing or not a table of fields")
+    extra = config.get("extra_vocab", 0)
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise UserError(f"{source}: field 'extra_vocab': expected an integer >= 0")
+    return build(TransformerConfig, config["model"], source), extra
 
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
@@ -63,8 +78,8 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
         raise UserError(f"{path}: weights file not found{pickle_note(path.parent)}")
     try:
         missing, unexpected = load_into_module(_unwrap(model), str(path), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot load weights ({e})") from None
+    except (SafetensorError, OSError, RuntimeError) as e:  # torch lists shape mismatches on lines
+        raise UserError(f"{path}: cannot load weights ({' '.join(str(e).split())})") from None
     if missing or unexpected:
         raise UserError(
             f"{path}: weights do not fit the model (missing {sorted(missing)[:3]}, "
@@ -156,11 +171,26 @@ def load_state(
     try:
         meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(state_dir / "optim.safetensors"))
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+    except (OSError, ValueError, RecursionError, SafetensorError) as e:
         raise UserError(f"{state_dir}: unreadable checkpoint ({e})") from None
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, int)
+        or step < 0
+        or not isinstance(meta.get("autocast"), str)
+        or meta["autocast"] not in DTYPES
+        or not isinstance(meta.get("param_groups"), list)
+    ):
+        raise UserError(f"{state_dir / 'state.json'}: not a resume state (step, autocast, groups)")
     load_model_weights(model, state_dir / "model.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
-    torch.set_rng_state(tensors["rng.torch"])
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        # torch checks the groups against the optimizer; anything else is a mangled file
+        why = " ".join(str(e).split())
+        raise UserError(f"{state_dir}: optimizer state does not fit this run ({why})") from None
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
@@ -212,13 +242,12 @@ def load_model(
         return decoder.to(device), tok, config
     config = read_config_json(model_dir)
     found = config.get("family")
-    if found not in FAMILIES:
+    if not isinstance(found, str) or found not in FAMILIES:
         raise UserError(f"{model_dir / 'config.json'}: field 'family': unknown family {found!r}")
     if family is not None and found != family:
         raise UserError(f"{model_dir}: holds a '{found}' model; this command needs a {family}")
-    model_cfg = build(TransformerConfig, config["model"], str(model_dir / "config.json"))
     # Sentinel ids of span corruption sit past the tokenizer's vocabulary (T5's "extra ids").
-    extra = int(config.get("extra_vocab", 0))
+    model_cfg, extra = _model_config(config, model_dir)
     tokenizer = load_tokenizer(
         model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size - extra
     )
@@ -237,7 +266,7 @@ def load_reward_model(
     found = config.get("family")
     if found not in ("decoder", "encoder"):
         raise UserError(f"{model_dir / 'config.json'}: field 'family': unknown trunk {found!r}")
-    model_cfg = build(TransformerConfig, config["model"], str(model_dir / "config.json"))
+    model_cfg, _ = _model_config(config, model_dir)
     tokenizer = load_tokenizer(model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size)
     trunk = FAMILIES[found](model_cfg)
     assert isinstance(trunk, Transformer)

@@ -117,8 +117,8 @@ def render_pairs(tok: Tokenizer, prefs: Sequence[Preference], block: int) -> Pai
     meta = [getattr(p, "meta", None) or {} for p in prefs]
     p_ann = [m.get("p_chosen") for m in meta]
     gold = [(m["gold_chosen"], m["gold_rejected"]) if "gold_chosen" in m else None for m in meta]
-    cut_to = [[x[-block:] for x in side] for side in (chosen, rejected)]
-    return Pairs(cut_to[0], cut_to[1], label, p_ann, gold, n_truncated=cut)
+    chosen, rejected = [x[-block:] for x in chosen], [x[-block:] for x in rejected]
+    return Pairs(chosen, rejected, label, p_ann, gold, n_truncated=cut)
 
 
 def collate_pairs(

@@ -38,6 +38,18 @@ def test_batched_equals_one_by_one(model: Decoder) -> None:
     assert batched == single
 
 
+def test_a_row_seed_samples_the_same_response_in_any_batch(model: Decoder) -> None:
+    # what lets torchrun ranks split an RL rollout: a row's sample depends on its seed only
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    seeds = [11, 12, 13]
+    batched = generate(model, PROMPTS, cfg, eos_id=None, row_seeds=seeds)
+    split = generate(model, PROMPTS[:1], cfg, eos_id=None, row_seeds=seeds[:1])
+    split += generate(model, PROMPTS[1:], cfg, eos_id=None, row_seeds=seeds[1:])
+    assert batched == split
+    twice = generate(model, [PROMPTS[0]] * 2, cfg, eos_id=None, row_seeds=[1, 2])
+    assert twice[0] != twice[1]  # one prompt, two seeds: two different samples
+
+
 def test_stops_at_eos(model: Decoder) -> None:
     cfg = SamplingConfig(max_new_tokens=15)
     free = generate(model, [PROMPTS[0]], cfg, eos_id=None)[0]

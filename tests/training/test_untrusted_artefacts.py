@@ -11,13 +11,19 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from lmforge.training.checkpoint import load_model, load_reward_model, load_state
+from lmforge.training.optim import OptimConfig, build_optimizer
 from tests.conftest import fails
+from tests.data.test_reader_fuzz import DELETE, _mutate, data_or_user_error, json_values
 
 
 class _Payload:
@@ -91,3 +97,29 @@ def test_crafted_pickles_are_refused_everywhere(
     plant(tok / "tokenizer.json", sentinel, kind)
     refused("tokenizer", "encode", "--tokenizer", str(tok), "a", expect="invalid JSON")
     refused("generate", "--model", str(tok.parent), "--prompt", "a", expect="invalid JSON")
+
+
+# ---- mangled JSON beside the weights: the same one-line refusal, never a crash
+
+edits = st.lists(
+    st.tuples(st.integers(0, 300), st.one_of(json_values, st.just(DELETE))), min_size=1, max_size=2
+)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(config_edits=edits, state_edits=edits)
+def test_mangled_model_configs_and_resume_state_are_refused_with_one_line(
+    tiny_decoder: Path, config_edits: list[Any], state_edits: list[Any]
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(shutil.copytree(tiny_decoder, Path(d) / "m"))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(_mutate(config, config_edits)))
+        data_or_user_error(lambda: load_model(folder))
+        data_or_user_error(lambda: load_reward_model(folder))
+        (step,) = (folder / "state").iterdir()
+        meta = json.loads((step / "state.json").read_text())
+        (step / "state.json").write_text(json.dumps(_mutate(meta, state_edits)))
+        model, _, _ = load_model(tiny_decoder)
+        optimizer = build_optimizer(model, OptimConfig())
+        data_or_user_error(lambda: load_state(step, model, optimizer))
