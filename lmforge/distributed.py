@@ -57,7 +57,12 @@ from lmforge.errors import UserError
 
 try:  # FSDP2 and DCP's safetensors storage (torch >= 2.9); without them strategy=fsdp is refused
     from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
     from torch.distributed.tensor import DTensor
 
     HAS_FSDP2 = "save_distributed" in inspect.signature(HuggingFaceStorageWriter).parameters
@@ -229,6 +234,10 @@ def wrap(
         # the root for what is left: embeddings, final norm and heads
         for _, _, block in _blocks(model):
             fully_shard(block, mp_policy=policy)
+            if hasattr(block, "memory_kv"):
+                # run outside the block's forward when generating (an encoder-decoder's cross
+                # keys/values, once per input), so FSDP must gather the weights for it too
+                register_fsdp_forward_method(block, "memory_kv")
         fully_shard(model, mp_policy=policy)
         return model
     ids = [device.index] if device.type == "cuda" else None

@@ -104,35 +104,34 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
     keep: int = 2,
+    *,
+    sharded: bool = False,
 ) -> Path:
-    """Write resume state for `step` (steps completed) and prune to the newest `keep`."""
-    tensors, groups = _flatten_optimizer(optimizer)
-    tensors.update(_rng_states())
-    meta = {"format_version": FORMAT_VERSION, "step": step, "param_groups": groups, **extra}
+    """Write resume state for `step` (steps completed) and prune to the newest `keep`. With
+    `sharded` (strategy=fsdp, any number of ranks) every rank must call it."""
     final = _step_dir(run_dir, step)
-    with atomic_dir(final) as tmp:
-        save_model(_unwrap(model), str(tmp / "model.safetensors"))
-        save_file(tensors, str(tmp / "optim.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-
-    for old in list_states(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    meta = {"format_version": FORMAT_VERSION, "step": step, **extra}
+    if sharded:
+        _save_sharded_state(final, model, optimizer, meta)
+    else:
+        tensors, groups = _flatten_optimizer(optimizer)
+        tensors.update(_rng_states())
+        with atomic_dir(final) as tmp:
+            save_model(_unwrap(model), str(tmp / "model.safetensors"))
+            save_file(tensors, str(tmp / "optim.safetensors"))
+            _write_state_json(tmp, {**meta, "param_groups": groups})
+    if distributed.is_main():
+        for old in list_states(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def save_sharded_state(
-    run_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    extra: dict[str, Any],
-    keep: int = 2,
-) -> Path:
-    """Write the resume state of a sharded model (or of a plain one, run with strategy=fsdp in
-    one process) for `step`; every rank must call it. The ranks write their shards into a
-    staging folder of a name they all know; rank 0 then moves it into its temporary state
-    folder beside the RNG states and state.json, and renames that when complete."""
-    final = _step_dir(run_dir, step)
+def _save_sharded_state(
+    final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
+) -> None:
+    """The ranks write their shards into a staging folder whose name they all know; rank 0 then
+    moves it into its temporary state folder beside the RNG states and state.json, and renames
+    that when complete."""
     staging = final.parent / f".tmp-{final.name}-{SHARDS_DIR}"
     if distributed.is_main():
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,16 +140,15 @@ def save_sharded_state(
     # returns on rank 0 only once every rank has written its file
     groups = distributed.save_shards(staging, model, optimizer)
     if distributed.is_main():
-        meta = {"format_version": FORMAT_VERSION, "step": step, "layout": "sharded"}
-        meta |= {"param_groups": groups, **extra}
         with atomic_dir(final) as tmp:
             os.rename(staging, tmp / SHARDS_DIR)
             save_file(_rng_states(), str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for old in list_states(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _write_state_json(tmp, {**meta, "layout": "sharded", "param_groups": groups})
     distributed.barrier()
-    return final
+
+
+def _write_state_json(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
 def save_checkpoint(
@@ -166,21 +164,22 @@ def save_checkpoint(
 ) -> None:
     """Resume state for `step` and the model folder beside it: what every stage saves. Under
     torchrun rank 0 alone writes them (every rank holds the same weights); with `sharded`
-    (train.dist.strategy=fsdp) every rank writes its shards and the model folder holds the
-    whole model gathered on rank 0, so every rank must call this."""
+    (train.dist.strategy=fsdp) every rank writes its shards of the state and the model folder
+    holds the whole model gathered on rank 0, so every rank must call this."""
     meta = {"stage": run_config["stage"], "autocast": str(dtype).removeprefix("torch.")}
     config = {**run_config, "step": step}
     if sharded:
-        save_sharded_state(out, step, model, optimizer, meta, keep=keep)
-        if distributed.is_sharded(model):
-            full = distributed.full_model_state(model)  # on rank 0; {} on the others
-            if distributed.is_main():
-                save_full_model_dir(out, full, _unwrap(model), config)
-            return
-    if distributed.is_main():
-        if not sharded:
-            save_state(out, step, model, optimizer, meta, keep=keep)
+        save_state(out, step, model, optimizer, meta, keep=keep, sharded=True)
+    # on rank 0; {} on the others
+    full = distributed.full_model_state(model) if distributed.is_sharded(model) else None
+    if not distributed.is_main():
+        return
+    if not sharded:
+        save_state(out, step, model, optimizer, meta, keep=keep)
+    if full is None:
         save_model_dir(out, model, config)
+    else:
+        save_full_model_dir(out, full, _unwrap(model), config)
 
 
 def save_full_model_dir(

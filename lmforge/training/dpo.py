@@ -239,15 +239,9 @@ def dpo(
                 last.update(row)
             if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
                 save_checkpoint(
-                    out,
-                    done,
-                    policy,
-                    optimizer,
-                    run_config,
-                    dtype,
-                    cfg.train.keep_checkpoints,
+                    out, done, policy, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
                     sharded=cfg.train.dist.sharded,
-                )
+                )  # fmt: skip
         bar.close()
         metrics.close()
     return last

@@ -314,15 +314,9 @@ def sft(
                 last.update(row)
             if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
                 save_checkpoint(
-                    out,
-                    done,
-                    model,
-                    optimizer,
-                    run_config,
-                    dtype,
-                    cfg.train.keep_checkpoints,
+                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
                     sharded=cfg.train.dist.sharded,
-                )
+                )  # fmt: skip
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()

@@ -1,6 +1,6 @@
-"""torchrun with DDP on 2 CPU processes (gloo): the same losses as 1 process with the same global
-batch, one writer of the run folder, checkpoints that resume with another world size, and a
-failing or hung rank that ends the whole job instead of leaving the others waiting.
+"""torchrun with DDP and FSDP2 on 2 CPU processes (gloo): the same losses as 1 process with the
+same global batch, one writer of the run folder, checkpoints that resume with another world size,
+and a failing or hung rank that ends the whole job instead of leaving the others waiting.
 
 Each multi-process run costs a few seconds of start-up (every process imports torch), so the
 runs are few and tiny, and shared by the tests through module fixtures."""
@@ -137,22 +137,30 @@ def test_two_processes_pretrain_like_one_with_the_same_global_batch(
 ) -> None:
     assert_same_run(one_process, two_processes, range(1, 9), ("loss", "grad_norm", "val_loss"))
     assert rows(two_processes)[8]["tokens"] == rows(one_process)[8]["tokens"] == 8 * 16 * 64
-    one = load_file(str(one_process / "model.safetensors"))
-    two = load_file(str(two_processes / "model.safetensors"))
-    assert one.keys() == two.keys()
-    assert max(float((one[k] - two[k]).abs().max()) for k in one) < TOLERANCE
+    assert_same_weights(one_process, two_processes)
     states = sorted(p.name for p in (two_processes / "state").iterdir())
     assert states == ["step_00000004", "step_00000008"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    one, two = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert one.keys() == two.keys()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < TOLERANCE
+
+
+def resume_in_one_process(run: Path, out: Path, *overrides: str) -> Path:
+    """A copy of the 8-step `run` resumed in this process from its step 4 checkpoint."""
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "state" / "step_00000008")  # as if the job had died after step 4
+    pretrain(resume_config(out, overrides=overrides), out, resume=True, progress=False)
+    assert (out / "state" / "step_00000008").is_dir()  # trained again from step 4
+    return out
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(
     one_process: Path, two_processes: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "resumed"
-    shutil.copytree(two_processes, out)
-    shutil.rmtree(out / "state" / "step_00000008")  # as if the job had died after step 4
-    pretrain(resume_config(out), out, resume=True, progress=False)
-    assert (out / "state" / "step_00000008").is_dir()  # trained again from step 4
+    out = resume_in_one_process(two_processes, tmp_path / "resumed")
     assert_same_run(one_process, out, range(1, 9), ("loss", "grad_norm", "val_loss"))
 
 
@@ -173,6 +181,55 @@ def test_two_processes_fine_tune_like_one(
     two_processes: Path, fine_tuned: Path, tmp_path: Path
 ) -> None:
     run_two_ranks("sft", "--out", str(tmp_path / "two"), *sft_args(two_processes))
+    keys = ("loss", "grad_norm", "val_loss", "padding")
+    assert_same_run(fine_tuned, tmp_path / "two", range(1, 9), keys)
+
+
+FSDP = ("train.dist.strategy=fsdp",)
+
+
+@pytest.fixture(scope="module")
+def sharded(one_process: Path) -> Path:
+    out = one_process.parent / "fsdp"
+    torchrun("pretrain", "--out", str(out), *PRETRAIN, *FSDP)
+    return out
+
+
+def test_fsdp_two_processes_pretrain_like_one(one_process: Path, sharded: Path) -> None:
+    assert_same_run(one_process, sharded, range(1, 9), ("loss", "grad_norm", "val_loss"))
+    assert_same_weights(one_process, sharded)  # gathered from both ranks' shards
+    state = sharded / "state" / "step_00000008"
+    assert json.loads((state / "state.json").read_text())["layout"] == "sharded"
+    shards = sorted(p.name for p in (state / "shards").iterdir())
+    assert len(shards) == 2 and all(n.endswith(".safetensors") for n in shards)  # one per rank
+    # safetensors and JSON only: no pickled index of the shards (DCP's default `.metadata`)
+    files = [p for p in state.rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".safetensors", ".json") for p in files), files
+
+
+def test_fsdp_checkpoint_of_two_processes_resumes_in_one_with_activation_checkpointing(
+    one_process: Path, sharded: Path, tmp_path: Path
+) -> None:
+    # recomputing activations changes no number, so a resume may switch it on
+    ac = "train.dist.activation_checkpointing=true"
+    out = resume_in_one_process(sharded, tmp_path / "resumed", ac)
+    assert_same_run(one_process, out, range(1, 9), ("loss", "grad_norm", "val_loss"))
+    assert len(list((out / "state" / "step_00000008" / "shards").iterdir())) == 1  # 1 rank
+
+
+def test_a_resume_cannot_switch_between_ddp_and_fsdp(sharded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(sharded, out)
+    cfg = resume_config(out, overrides=["train.dist.strategy=ddp"])
+    with pytest.raises(UserError, match="cannot change train.dist.strategy"):
+        pretrain(cfg, out, resume=True, progress=False)
+
+
+def test_fsdp_two_processes_fine_tune_like_one_with_activation_checkpointing(
+    two_processes: Path, fine_tuned: Path, tmp_path: Path
+) -> None:
+    ac = "train.dist.activation_checkpointing=true"
+    run_two_ranks("sft", "--out", str(tmp_path / "two"), *sft_args(two_processes), *FSDP, ac)
     keys = ("loss", "grad_norm", "val_loss", "padding")
     assert_same_run(fine_tuned, tmp_path / "two", range(1, 9), keys)
 
@@ -214,20 +271,28 @@ def pairs(fine_tuned: Path) -> tuple[Path, Path]:
     return files[0], files[1]
 
 
-def assert_reward_like_one(trunk: Path, pairs: tuple[Path, Path], out: Path) -> None:
+def assert_reward_like_one(
+    trunk: Path, pairs: tuple[Path, Path], out: Path, strategy: str = "ddp"
+) -> None:
     args = [f"model={trunk}", f"data={pairs[0]}", f"val_data={pairs[1]}", "world_check=false"]
     args += PAIRWISE
     reward(C.load(RewardConfig, None, args), out / "one", progress=False)
-    run_two_ranks("reward", "train", "--out", str(out / "two"), *args)
+    two = ("--out", str(out / "two"), *args, f"train.dist.strategy={strategy}")
+    run_two_ranks("reward", "train", *two)
     keys = ("loss", "grad_norm", "val_loss", "val_acc")
     assert_same_run(out / "one", out / "two", range(1, 5), keys)
     assert rows(out / "one")[4]["loss"] != rows(out / "one")[1]["loss"]  # it trained
 
 
+# FSDP shards the same blocks in every stage; pretraining and SFT test it by default
+SLOW_FSDP = pytest.param("fsdp", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", SLOW_FSDP])
 def test_two_processes_train_a_reward_model_like_one(
-    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path
+    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path, strategy: str
 ) -> None:
-    assert_reward_like_one(fine_tuned, pairs, tmp_path)
+    assert_reward_like_one(fine_tuned, pairs, tmp_path, strategy)
 
 
 def test_two_processes_train_a_reward_model_on_a_trunk_with_an_untied_lm_head(
@@ -240,8 +305,9 @@ def test_two_processes_train_a_reward_model_on_a_trunk_with_an_untied_lm_head(
     assert_reward_like_one(tmp_path / "base", pairs, tmp_path)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", SLOW_FSDP])
 def test_two_processes_optimise_dpo_like_one(
-    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path
+    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path, strategy: str
 ) -> None:
     args = [
         f"policy={fine_tuned}",
@@ -252,20 +318,33 @@ def test_two_processes_optimise_dpo_like_one(
         *PAIRWISE,
     ]
     dpo(C.load(DPOConfig, None, args), tmp_path / "one", progress=False)
-    run_two_ranks("dpo", "--out", str(tmp_path / "two"), *args)
+    run_two_ranks("dpo", "--out", str(tmp_path / "two"), *args, f"train.dist.strategy={strategy}")
     keys = ("loss", "grad_norm", "val_loss", "val_acc", "val_margin")
     assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 5), keys)
     assert rows(tmp_path / "one")[4]["loss"] != rows(tmp_path / "one")[1]["loss"]  # it trained
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("arch", ["encoder", "encoder-decoder"])
-def test_the_other_families_pretrain_like_one_process(arch: str, tmp_path: Path) -> None:
+def test_the_other_families_pretrain_like_one_process(
+    arch: str, strategy: str, tmp_path: Path
+) -> None:
     # grad_accum=1: ranks split every micro-batch's rows; masked tokens differ per row
     args = [*PRETRAIN, "train.grad_accum=1", f"arch={arch}"]
     pretrain(C.load(PretrainConfig, None, args), tmp_path / "one", progress=False)
-    torchrun("pretrain", "--out", str(tmp_path / "two"), *args)
+    torchrun("pretrain", "--out", str(tmp_path / "two"), *args, f"train.dist.strategy={strategy}")
     assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 9), ("loss", "val_loss"))
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_of_one_process_resumes_in_two(one_process: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*PRETRAIN, *FSDP, "train.max_steps=4"]
+    pretrain(C.load(PretrainConfig, None, args), out, progress=False)
+    torchrun("pretrain", "--out", str(out), "--resume", "train.max_steps=8")
+    assert_same_run(one_process, out, range(1, 9), ("loss", "grad_norm", "val_loss"))
+    assert len(list((out / "state" / "step_00000008" / "shards").iterdir())) == 2  # 2 ranks
 
 
 @pytest.mark.parametrize(
