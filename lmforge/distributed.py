@@ -234,11 +234,14 @@ def wrap(
         # the root for what is left: embeddings, final norm and heads
         for _, _, block in _blocks(model):
             fully_shard(block, mp_policy=policy)
-            if hasattr(block, "memory_kv"):
-                # run outside the block's forward when generating (an encoder-decoder's cross
-                # keys/values, once per input), so FSDP must gather the weights for it too
-                register_fsdp_forward_method(block, "memory_kv")
         fully_shard(model, mp_policy=policy)
+        # FSDP gathers a module's weights around its forward; an encoder-decoder's generation
+        # calls these apart from it (the cross keys/values once per input, then each step)
+        methods = [(model, "encode"), (model, "decode")]
+        methods += [(block, "memory_kv") for _, _, block in _blocks(model)]
+        for module, name in methods:
+            if hasattr(module, name):
+                register_fsdp_forward_method(module, name)
         return model
     ids = [device.index] if device.type == "cuda" else None
     no_buffer_sync: dict[str, Any] = {_NO_BUFFER_SYNC: False}

@@ -347,6 +347,54 @@ def test_fsdp_checkpoint_of_one_process_resumes_in_two(one_process: Path, tmp_pa
     assert len(list((out / "state" / "step_00000008" / "shards").iterdir())) == 2  # 2 ranks
 
 
+# Train a tiny encoder-decoder for 3 steps, then generate: under FSDP, generation calls the
+# model's encode/decode and each block's memory_kv apart from forward, which must gather weights.
+SEQ2SEQ = """
+import json, os, sys, torch
+import torch.nn.functional as F
+from lmforge import distributed
+from lmforge.distributed import DistConfig
+from lmforge.generation.generate import SamplingConfig, generate_seq2seq
+from lmforge.models.encoder_decoder import EncoderDecoder
+from lmforge.models.transformer import TransformerConfig
+from lmforge.training.optim import OptimConfig, build_optimizer
+
+device = distributed.init(DistConfig(), torch.device("cpu"))
+torch.manual_seed(0)
+cfg = TransformerConfig(vocab_size=50, n_layer=2, n_embd=16, n_head=2, max_seq_len=32)
+dist = DistConfig(strategy="fsdp", activation_checkpointing=True)
+model = distributed.wrap(EncoderDecoder(cfg), device, dist, torch.float32)
+optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+g = torch.Generator().manual_seed(1)
+src, tgt = torch.randint(0, 50, (4, 10), generator=g), torch.randint(0, 50, (4, 8), generator=g)
+losses = []
+for _ in range(3):
+    loss = F.cross_entropy(model(src, tgt).flatten(0, 1), tgt.roll(-1, 1).flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(loss.item())
+sampling = SamplingConfig(max_new_tokens=5, temperature=0.0)
+out = generate_seq2seq(model, [[1, 2, 3, 4], [5, 6, 7]], sampling, start_id=1, eos_id=None)
+if distributed.is_main():
+    with open(sys.argv[1], "w") as f:
+        json.dump({"losses": losses, "out": out}, f)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_encoder_decoder_trains_and_generates_like_one_process(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-c", SEQ2SEQ, str(one)], env=_env(), check=True)
+    ranks = start_ranks("-c", SEQ2SEQ, str(two))
+    errors = [p.communicate(timeout=120)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], errors[0][-2000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["out"] == b["out"]
+    assert a["losses"] == pytest.approx(b["losses"], abs=TOLERANCE)
+
+
 @pytest.mark.parametrize(
     ("batch_size", "grad_accum", "world"), [(8, 1, 1), (8, 4, 2), (8, 2, 4), (6, 3, 3), (4, 1, 4)]
 )
