@@ -18,13 +18,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from lmforge import config as C
+from lmforge import distributed
 from lmforge.data.world import World
 from lmforge.data.world_tasks import FLAWS, TaskConfig, make_splits
-from lmforge.distributed import ALL_ROWS, batch_share
+from lmforge.distributed import ALL_ROWS, DistConfig, batch_share
 from lmforge.errors import UserError
+from lmforge.models.encoder_decoder import EncoderDecoder
+from lmforge.models.transformer import TransformerConfig
 from lmforge.training.dpo import DPOConfig, dpo
 from lmforge.training.metrics import read_metrics
 from lmforge.training.pretrain import PretrainConfig, pretrain, resume_config
@@ -347,10 +351,29 @@ def test_fsdp_checkpoint_of_one_process_resumes_in_two(one_process: Path, tmp_pa
     assert len(list((out / "state" / "step_00000008" / "shards").iterdir())) == 2  # 2 ranks
 
 
+def test_activation_checkpointing_keeps_the_gradients_and_the_parameter_names() -> None:
+    # the encoder-decoder has both kinds of block; the decoder is tested in the resume above
+    cfg = TransformerConfig(vocab_size=40, n_layer=2, n_embd=16, n_head=2, max_seq_len=16)
+    x = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model = EncoderDecoder(cfg)
+        dist = DistConfig(activation_checkpointing=ac)
+        wrapped = distributed.wrap(model, torch.device("cpu"), dist, torch.float32)
+        wrapped(x, x).square().mean().backward()
+        grads.append({k: v.grad for k, v in model.named_parameters()})
+        # the wrappers' names stay out of state dicts, so checkpoints are the same files
+        assert all("checkpoint" not in k for k in model.state_dict())
+    assert all("checkpoint" in k for k in grads[1] if k.startswith(("encoder.", "decoder.")))
+    plain, recomputed = grads[0].values(), grads[1].values()
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed, strict=True))
+
+
 # Train a tiny encoder-decoder for 3 steps, then generate: under FSDP, generation calls the
 # model's encode/decode and each block's memory_kv apart from forward, which must gather weights.
 SEQ2SEQ = """
-import json, os, sys, torch
+import json, sys, torch
 import torch.nn.functional as F
 from lmforge import distributed
 from lmforge.distributed import DistConfig
