@@ -1,4 +1,4 @@
-"""Multi-process training on PyTorch's own engine: torchrun, process groups and DDP.
+"""Multi-process training on PyTorch's own engine: torchrun, process groups, DDP and FSDP2.
 
 The only module that touches `torch.distributed`. Under `torchrun --nproc-per-node N -m lmforge
 <stage>` every process (a "rank") runs the same stage with the same config, and this module
@@ -6,8 +6,15 @@ The only module that touches `torch.distributed`. Under `torchrun --nproc-per-no
 - joins the process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
   MASTER_ADDR, MASTER_PORT): NCCL with one GPU per rank on CUDA, gloo on CPU. Every collective
   has a timeout, so a rank that dies or hangs makes the others fail instead of waiting forever;
-- wraps the model in DDP, which averages gradients across ranks during the backward pass, and
-  skips that all-reduce on all but the last micro-step of gradient accumulation (`no_sync`);
+- wraps the model in DDP (`strategy=ddp`: every rank holds all parameters, gradients and
+  optimizer state; gradients are averaged during the backward pass) or shards it with FSDP2
+  (`strategy=fsdp`, `fully_shard` per transformer block and then the root: each rank keeps 1/N
+  of them and gathers one block's parameters at a time), and skips the gradient reduction on
+  all but the last micro-step of gradient accumulation (`no_sync`). Either may recompute each
+  block's activations in the backward pass (`activation_checkpointing`), also in one process;
+- writes and reads the sharded model and optimizer state of checkpoints, with any number of
+  ranks (`save_shards`, `load_shards`: torch's distributed checkpoint in safetensors, no
+  pickle), and gathers the whole model on rank 0 for the model folder (`full_model_state`);
 - says which part of each optimizer step's global batch a rank takes (`batch_share`). The global
   batch is the config's batch_size * grad_accum rows whatever the number of ranks, and the rows
   of a step do not depend on it either, so a checkpoint resumes with another world size;
@@ -16,8 +23,9 @@ The only module that touches `torch.distributed`. Under `torchrun --nproc-per-no
 - names the rank(s) a timed-out collective waited for (`naming_hung_ranks`), and tells a stage
   whether torchrun restarted its workers (`restart_count`, for `torchrun --max-restarts`).
 
-In a plain single process every function here is the identity or does nothing, so a stage has
-one code path for one process and for many.
+In a plain single process every function here is the identity or does nothing (strategy=fsdp
+then trains the plain model, as ddp does), so a stage has one code path for one process and
+for many.
 """
 
 from __future__ import annotations
@@ -26,17 +34,43 @@ import datetime
 import inspect
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.config import check, opt
 from lmforge.errors import UserError
+
+try:  # FSDP2 and DCP's safetensors storage (torch >= 2.9); without them strategy=fsdp is refused
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+    from torch.distributed.fsdp import (
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+    from torch.distributed.tensor import DTensor
+
+    HAS_FSDP2 = "save_distributed" in inspect.signature(HuggingFaceStorageWriter).parameters
+except ImportError:
+    HAS_FSDP2 = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,9 +80,32 @@ class DistConfig:
         "torchrun only: seconds a rank waits for the others in a collective before the job "
         "fails (this includes waiting while rank 0 tokenizes the corpus)",
     )
+    strategy: Literal["ddp", "fsdp"] = opt(
+        "ddp",
+        "torchrun only: ddp keeps a whole copy of the model, its gradients and optimizer state "
+        "on every rank; fsdp (FSDP2) shards them over the ranks (about 1/N each, plus one "
+        "block's parameters gathered at a time) for models that do not fit one device. In one "
+        "process both train the plain model",
+    )
+    activation_checkpointing: bool = opt(
+        False,
+        "keep only each transformer block's input in the forward pass and recompute the rest "
+        "in the backward pass: activation memory of one block instead of all, ~30% more compute",
+    )
 
     def __post_init__(self) -> None:
         check(self.timeout_s > 0, "timeout_s", f"must be > 0 (got {self.timeout_s})")
+        check(
+            self.strategy == "ddp" or HAS_FSDP2,
+            "strategy",
+            f"fsdp needs torch >= 2.9 (FSDP2 and safetensors distributed checkpoints); "
+            f"this is torch {torch.__version__}",
+        )
+
+    @property
+    def sharded(self) -> bool:
+        """Whether checkpoints hold sharded state (written by every rank), as fsdp's do."""
+        return self.strategy == "fsdp"
 
 
 def launched_world_size() -> int:
@@ -172,23 +229,70 @@ def main_first() -> Iterator[None]:
 
 
 def wrap(
-    model: torch.nn.Module, device: torch.device, *, unused_params: bool = False
+    model: torch.nn.Module,
+    device: torch.device,
+    cfg: DistConfig,
+    dtype: torch.dtype,
+    *,
+    unused_params: bool = False,
 ) -> torch.nn.Module:
-    """The module to run the training forward through: DDP under torchrun, else `model`.
+    """The module to run the training forward through; build the optimizer after this call.
 
-    Parameters stay those of `model` (so its optimizer, checkpoints and evaluation use it
-    directly); DDP only adds the gradient all-reduce. Our buffers (rotary tables) are constants,
-    so they are not re-broadcast before every forward. `unused_params`: some trainable
-    parameters get no gradient (DDP then searches the graph for them after each forward,
-    instead of waiting for their gradients forever).
+    First, with `cfg.activation_checkpointing`, each transformer block is wrapped to recompute
+    its activations in the backward pass (in any number of processes). Then, under torchrun:
+    - ddp: a DDP wrapper around `model`, whose parameters stay `model`'s (so its optimizer,
+      checkpoints and evaluation use it directly); DDP only adds the gradient all-reduce. Our
+      buffers (rotary tables) are constants, so they are not re-broadcast before every forward.
+      `unused_params`: some trainable parameters get no gradient (DDP then searches the graph
+      for them after each forward, instead of waiting for their gradients forever);
+    - fsdp: `model` itself, sharded in place by FSDP2 (its parameters become DTensors, which is
+      why the optimizer must be built afterwards). With CUDA and bf16 autocast, parameters are
+      gathered in bf16 and gradients reduced in fp32; on CPU all stays fp32.
+    In one process `model` comes back as it is.
     """
+    if cfg.activation_checkpointing:
+        for blocks, i, block in _blocks(model):
+            # non-reentrant: works with unused inputs, kwargs and FSDP's hooks
+            blocks[i] = checkpoint_wrapper(block)
     if not dist.is_initialized():
+        return model
+    if cfg.strategy == "fsdp":
+        bf16 = device.type == "cuda" and dtype == torch.bfloat16
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy()
+        )
+        # one communication unit per block (only one block's parameters whole at a time), then
+        # the root for what is left: embeddings, final norm and heads
+        for _, _, block in _blocks(model):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        # FSDP gathers a module's weights around its forward; an encoder-decoder's generation
+        # calls these apart from it (the cross keys/values once per input, then each step)
+        methods = [(model, "encode"), (model, "decode")]
+        methods += [(block, "memory_kv") for _, _, block in _blocks(model)]
+        for module, name in methods:
+            if hasattr(module, name):
+                register_fsdp_forward_method(module, name)
         return model
     ids = [device.index] if device.type == "cuda" else None
     no_buffer_sync: dict[str, Any] = {_NO_BUFFER_SYNC: False}
     return DistributedDataParallel(
         model, device_ids=ids, find_unused_parameters=unused_params, **no_buffer_sync
     )
+
+
+def _blocks(model: torch.nn.Module) -> list[tuple[torch.nn.ModuleList, int, torch.nn.Module]]:
+    """(list, index, block) of every transformer block: in all our model families (and the
+    reward model's trunk) the blocks, and only they, are the items of an nn.ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return [(blocks, i, block) for blocks in lists for i, block in enumerate(blocks)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are FSDP shards (DTensors), not whole tensors."""
+    return HAS_FSDP2 and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 # torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers; the older releases we
@@ -201,11 +305,116 @@ _NO_BUFFER_SYNC = (
 
 
 def no_sync(model: torch.nn.Module, sync: bool) -> AbstractContextManager[object]:
-    """Around a micro-step's forward and backward: with `sync` False, DDP keeps the gradients
-    local (they accumulate), so only the step's last micro-step pays for the all-reduce."""
-    if sync or not isinstance(model, DistributedDataParallel):
+    """Around a micro-step's forward and backward: with `sync` False, DDP and FSDP keep the
+    gradients local (they accumulate, FSDP's unsharded), so only the step's last micro-step
+    pays for the gradient reduction."""
+    if sync:
         return nullcontext()
-    return model.no_sync()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if HAS_FSDP2 and isinstance(model, FSDPModule):
+        return _fsdp_no_sync(model)
+    return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(model: FSDPModule) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale the gradients down to a total norm of at most `max_norm` (inf: only measure it);
+    return the norm before clipping. Of sharded gradients it is the norm of the whole gradient
+    (each rank holds a part of it), the same number on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if HAS_FSDP2 and isinstance(norm, DTensor) else norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints (the collective part; training/checkpoint.py owns the folder layout)
+#
+# torch's distributed checkpoint (DCP) writes each rank's shards and reads them back into any
+# number of ranks, resharding on the way. Its default FileSystemWriter keeps the index of the
+# shards (`.metadata`) as a pickle, which lmforge never reads. DCP's Hugging Face storage does
+# without: each rank writes one safetensors file whose JSON header holds the offsets of its
+# shards, and the reader rebuilds the index from those headers. It stores tensors only, so the
+# optimizer's param groups go to the caller's JSON.
+
+
+def save_shards(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> list[dict[str, Any]]:
+    """Every rank writes its part of the model's parameters and the optimizer's state (a plain
+    module in one process: all of it) into `folder`, one safetensors file per rank, keyed by
+    parameter name (`model.<name>`, `optim.<name>.exp_avg`, ...; a tied weight once, see
+    `tied_names`). Every rank must call it.
+    Returns the optimizer's param groups (JSON-able; parameters by name) for the caller."""
+    tied = tied_names(model)
+    model_state = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)
+    state = {"model": model_state, "optim": optim_state["state"]}
+    with _one_process_is_meant():
+        dcp.save(state, storage_writer=writer)
+    return cast(list[dict[str, Any]], optim_state["param_groups"])
+
+
+def load_shards(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    param_groups: list[dict[str, Any]],
+) -> None:
+    """Load what `save_shards` wrote, with any number of ranks then and now, into `model` and
+    `optimizer` (built but not stepped) and give the optimizer `param_groups`."""
+    tied = tied_names(model)
+    model_state = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
+    # of an optimizer that has not stepped: zero moments of the right shapes to read into
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state["state"]}
+    try:
+        reader = HuggingFaceStorageReader(str(folder))
+        with _one_process_is_meant():
+            dcp.load(state, storage_reader=reader)
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{folder}: cannot load the sharded checkpoint ({first})") from None
+    # DCP reads in place, so model_state now holds the checkpoint's tensors
+    set_model_state_dict(model, model_state | {n: model_state[k] for n, k in tied.items()})
+    set_optimizer_state_dict(
+        model, optimizer, {"state": state["optim"], "param_groups": param_groups}
+    )
+
+
+@contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """Silence DCP's warning that, without a process group, it saves or loads in one process:
+    that is what strategy=fsdp does in one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """{name: kept name} of the weights that are stored under another name, being shared by
+    two modules (the tied LM head): of each such group the first name in sorted order is kept,
+    as safetensors' `save_model` does, so sharded and whole-model files name them alike."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(p), []).append(name)
+    groups = [sorted(group) for group in names.values()]
+    return {name: group[0] for group in groups for name in group[1:]}
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's parameters, gathered on rank 0's CPU (every rank must call this); an
+    empty dict on the other ranks."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
 
 
 # ---------------------------------------------------------------------------------------------

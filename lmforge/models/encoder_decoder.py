@@ -61,22 +61,25 @@ class EncoderDecoder(nn.Module):
         return self.enc_norm(x)
 
     def memory_kv(self, memory: torch.Tensor) -> MemoryKV:
-        return [cast(CrossBlock, block).cross.memory_kv(memory) for block in self.decoder]
+        return [cast(CrossBlock, block).memory_kv(memory) for block in self.decoder]
 
     def decode(
         self,
         tgt: torch.Tensor,
-        memory_kv: MemoryKV,
+        memory_kv: MemoryKV | torch.Tensor,
         *,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for decoder input ids (B, T), continuing after the cache if given."""
+        """Logits (B, T, V) for decoder input ids (B, T), continuing after the cache if given.
+        `memory_kv`: every layer's from `memory_kv`, or the encoder output (B, S, D), from which
+        each block computes its own (see `CrossBlock.forward`)."""
         start = cache.length if cache is not None else 0
         cos, sin = self.rotary(start, tgt.size(1))
         x = self.tok_emb(tgt)
         for i, block in enumerate(self.decoder):
-            x = block(x, cos, sin, memory_kv[i], memory_mask, cache, i)
+            kv = memory_kv if isinstance(memory_kv, torch.Tensor) else memory_kv[i]
+            x = block(x, cos, sin, kv, memory_mask, cache, i)
         if cache is not None:
             cache.advance(tgt.size(1))
         return self.lm_head(self.norm(x))
@@ -85,8 +88,7 @@ class EncoderDecoder(nn.Module):
         self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Teacher-forced logits (B, T, V): input ids (B, S), decoder input ids (B, T)."""
-        memory = self.encode(src, src_mask)
-        return self.decode(tgt, self.memory_kv(memory), memory_mask=src_mask)
+        return self.decode(tgt, self.encode(src, src_mask), memory_mask=src_mask)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         cfg, p = self.cfg, self.tok_emb.weight

@@ -268,16 +268,26 @@ class CrossBlock(nn.Module):
         self.mlp = SwiGLU(d_model, d_ff)
         self.drop = nn.Dropout(dropout)
 
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's cross-attention keys and values (B, Hkv, S, hs) of the memory (B, S, D)."""
+        return self.cross.memory_kv(memory)
+
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
+        """`memory_kv`: this block's keys and values of the memory, from `memory_kv` (computed
+        once, reused at every decoding step), or the memory (B, S, D) itself, whose keys and
+        values are then computed here. Training does the latter, so that what wraps a block's
+        forward (FSDP gathering its weights, activation checkpointing) covers them too."""
+        if isinstance(memory_kv, torch.Tensor):
+            memory_kv = self.cross.memory_kv(memory_kv)
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, None, cache, layer))
         x = x + self.drop(self.cross(self.cross_norm(x), memory_kv, memory_mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))

@@ -8,11 +8,18 @@ Two artefacts, both safetensors plus JSON, never pickle:
   hyper-parameters, anything else the trainer needs). The folder is written under a temporary
   name and renamed when complete, so a checkpoint counts only once it is whole; the newest
   complete one is what `--resume` picks. The last `keep` are kept.
+
+Runs with train.dist.strategy=fsdp write their resume state sharded instead (`"layout":
+"sharded"` in state.json): `shards/` holds one safetensors file per rank with its part of the
+model and the optimizer state (`distributed.save_shards`), `rng.safetensors` rank 0's RNG
+states. Any number of ranks resumes from it; the model folder beside it is the whole model,
+gathered on rank 0.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,7 @@ from lmforge.runtime import DTYPES
 from lmforge.tokenizers import Tokenizer, load_tokenizer
 
 STATE_DIR = "state"
+SHARDS_DIR = "shards"
 FORMAT_VERSION = 1
 
 
@@ -111,23 +119,51 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
     keep: int = 2,
+    *,
+    sharded: bool = False,
 ) -> Path:
-    """Write resume state for `step` (steps completed) and prune to the newest `keep`."""
-    tensors, groups = _flatten_optimizer(optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    meta = {"format_version": FORMAT_VERSION, "step": step, "param_groups": groups, **extra}
+    """Write resume state for `step` (steps completed) and prune to the newest `keep`. With
+    `sharded` (strategy=fsdp, any number of ranks) every rank must call it."""
     final = _step_dir(run_dir, step)
-    with atomic_dir(final) as tmp:
-        save_model(_unwrap(model), str(tmp / "model.safetensors"))
-        save_file(tensors, str(tmp / "optim.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-
-    for old in list_states(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    meta = {"format_version": FORMAT_VERSION, "step": step, **extra}
+    if sharded:
+        _save_sharded_state(final, model, optimizer, meta)
+    else:
+        tensors, groups = _flatten_optimizer(optimizer)
+        tensors.update(_rng_states())
+        with atomic_dir(final) as tmp:
+            save_model(_unwrap(model), str(tmp / "model.safetensors"))
+            save_file(tensors, str(tmp / "optim.safetensors"))
+            _write_state_json(tmp, {**meta, "param_groups": groups})
+    if distributed.is_main():
+        for old in list_states(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_sharded_state(
+    final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
+) -> None:
+    """The ranks write their shards into a staging folder whose name they all know; rank 0 then
+    moves it into its temporary state folder beside the RNG states and state.json, and renames
+    that when complete."""
+    staging = final.parent / f".tmp-{final.name}-{SHARDS_DIR}"
+    if distributed.is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier()
+    # returns on rank 0 only once every rank has written its file
+    groups = distributed.save_shards(staging, model, optimizer)
+    if distributed.is_main():
+        with atomic_dir(final) as tmp:
+            os.rename(staging, tmp / SHARDS_DIR)
+            save_file(_rng_states(), str(tmp / "rng.safetensors"))
+            _write_state_json(tmp, {**meta, "layout": "sharded", "param_groups": groups})
+    distributed.barrier()
+
+
+def _write_state_json(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
 def save_checkpoint(
@@ -138,14 +174,39 @@ def save_checkpoint(
     run_config: dict[str, Any],
     dtype: torch.dtype,
     keep: int,
+    *,
+    sharded: bool = False,
 ) -> None:
     """Resume state for `step` and the model folder beside it: what every stage saves. Under
-    torchrun rank 0 alone writes them (every rank holds the same weights)."""
+    torchrun rank 0 alone writes them (every rank holds the same weights); with `sharded`
+    (train.dist.strategy=fsdp) every rank writes its shards of the state and the model folder
+    holds the whole model gathered on rank 0, so every rank must call this."""
+    meta = {"stage": run_config["stage"], "autocast": str(dtype).removeprefix("torch.")}
+    config = {**run_config, "step": step}
+    if sharded:
+        save_state(out, step, model, optimizer, meta, keep=keep, sharded=True)
+    # on rank 0; {} on the others
+    full = distributed.full_model_state(model) if distributed.is_sharded(model) else None
     if not distributed.is_main():
         return
-    meta = {"stage": run_config["stage"], "autocast": str(dtype).removeprefix("torch.")}
-    save_state(out, step, model, optimizer, meta, keep=keep)
-    save_model_dir(out, model, {**run_config, "step": step})
+    if not sharded:
+        save_state(out, step, model, optimizer, meta, keep=keep)
+    if full is None:
+        save_model_dir(out, model, config)
+    else:
+        save_full_model_dir(out, full, _unwrap(model), config)
+
+
+def save_full_model_dir(
+    out: Path, state: dict[str, torch.Tensor], model: torch.nn.Module, config: dict[str, Any]
+) -> None:
+    """`save_model_dir` for `model`'s whole `state`, gathered apart from it: a weight two
+    modules share (the tied LM head) is written once, as `save_model` writes it."""
+    tied = distributed.tied_names(model)
+    tensors = {k: v.contiguous() for k, v in state.items() if k not in tied}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write_json(out / "config.json", {"format_version": FORMAT_VERSION, **config})
 
 
 def list_states(run_dir: Path) -> list[Path]:
@@ -167,13 +228,27 @@ def latest_state(run_dir: Path) -> Path | None:
 def load_state(
     state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from a state folder; return its `state.json`."""
+    """Restore model, optimizer and RNG from a state folder; return its `state.json`. Under
+    torchrun every rank calls it; sharded state loads into any number of ranks."""
     try:
         meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{state_dir}: unreadable checkpoint ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{state_dir / 'state.json'}: not a resume state (not a JSON object)")
+    if meta.get("layout") == "sharded":
+        _load_sharded_state(state_dir, model, optimizer, meta)
+        return meta
+    if distributed.is_sharded(model):
+        raise UserError(
+            f"{state_dir}: holds a whole-model checkpoint (train.dist.strategy=ddp); "
+            "a run with strategy=fsdp resumes only from its own sharded checkpoints"
+        )
+    try:
         tensors = load_file(str(state_dir / "optim.safetensors"))
     except (OSError, ValueError, RecursionError, SafetensorError) as e:
         raise UserError(f"{state_dir}: unreadable checkpoint ({e})") from None
-    step = meta.get("step") if isinstance(meta, dict) else None
+    step = meta.get("step")
     if (
         isinstance(step, bool)
         or not isinstance(step, int)
@@ -186,15 +261,43 @@ def load_state(
     load_model_weights(model, state_dir / "model.safetensors")
     try:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
-        torch.set_rng_state(tensors["rng.torch"])
+        _set_rng_states(tensors)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         # torch checks the groups against the optimizer; anything else is a mangled file
         why = " ".join(str(e).split())
         raise UserError(f"{state_dir}: optimizer state does not fit this run ({why})") from None
+    return meta
+
+
+def _load_sharded_state(
+    state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
+) -> None:
+    try:
+        rng = load_file(str(state_dir / "rng.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{state_dir}: unreadable checkpoint ({e})") from None
+    distributed.load_shards(state_dir / SHARDS_DIR, model, optimizer, _groups(meta["param_groups"]))
+    _set_rng_states(rng)
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
+def _set_rng_states(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return meta
+
+
+def _groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Optimizer param groups as read from JSON: AdamW's betas back to a tuple."""
+    return [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
 
 
 def _flatten_optimizer(
@@ -223,8 +326,7 @@ def _unflatten_optimizer(
             continue
         _, pid, name = key.split(".", 2)
         state.setdefault(int(pid), {})[name] = t
-    restored = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    return {"state": state, "param_groups": restored}
+    return {"state": state, "param_groups": _groups(groups)}
 
 
 def load_model(

@@ -162,8 +162,8 @@ def dpo(
     # every rank scores every pair once: simpler than gathering each rank's share
     ref_train = reference_logprobs(reference, train, device, dtype)
     ref_val = reference_logprobs(reference, val, device, dtype)
-    optimizer = build_optimizer(policy, cfg.optim)
-    ddp = distributed.wrap(policy, device)  # the policy itself in one process
+    ddp = distributed.wrap(policy, device, cfg.train.dist, dtype)  # the policy in one process
+    optimizer = build_optimizer(policy, cfg.optim)  # after wrap: FSDP replaces the parameters
     run_config = policy_run_config("dpo", f"dpo-{cfg.loss}", cfg, s)
 
     def loss_fn(logps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -247,8 +247,9 @@ def dpo(
                 last.update(row)
             if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
                 save_checkpoint(
-                    out, done, policy, optimizer, run_config, dtype, cfg.train.keep_checkpoints
-                )
+                    out, done, policy, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
+                    sharded=cfg.train.dist.sharded,
+                )  # fmt: skip
         bar.close()
         metrics.close()
     return last

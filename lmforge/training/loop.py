@@ -143,8 +143,8 @@ def train_step(
             loss.backward()
         loss_sum += loss.detach()
     loss_sum = distributed.mean(loss_sum)
-    # clip_grad_norm_ with an infinite bound measures the norm without clipping
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    # an infinite bound measures the norm without clipping
+    grad_norm = distributed.clip_grad_norm(model, grad_clip or float("inf"))
     check_finite(loss_sum, step, "loss")
     check_finite(grad_norm, step, "gradient norm")
     optimizer.step()

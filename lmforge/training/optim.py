@@ -27,7 +27,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lmforge import distributed
 from lmforge.config import check, opt
+from lmforge.errors import UserError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +87,9 @@ def build_optimizer(
 
 
 def _build_muon(model: nn.Module, cfg: OptimConfig) -> Muon:
+    if distributed.is_sharded(model):
+        # its orthogonalisation needs each whole matrix, which no rank holds under FSDP
+        raise UserError("optim.name=muon does not run with train.dist.strategy=fsdp; use adamw")
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     hidden: list[nn.Parameter] = []
     other: list[nn.Parameter] = []

@@ -224,11 +224,11 @@ def pretrain(
     model = FAMILIES[cfg.arch](model_cfg).to(device)
     objective = cfg.resolved_objective
     transform = OBJECTIVES[objective](cfg, tokenizer)
-    optimizer = build_optimizer(model, cfg.optim)
     block = cfg.raw_block_size
     sampler = BlockSampler(data.train.tokens, block, cfg.train.seed)
     eval_blocks(data.val.tokens, block, cfg.train.eval_blocks)  # fail now, not at eval
-    ddp = distributed.wrap(model, device)  # the model itself in one process
+    ddp = distributed.wrap(model, device, cfg.train.dist, dtype)  # the model in one process
+    optimizer = build_optimizer(model, cfg.optim)  # after wrap: FSDP replaces the parameters
     fwd = torch.compile(ddp) if cfg.train.compile else ddp
     run_config: dict[str, Any] = {
         "stage": "pretrain",
@@ -348,8 +348,9 @@ def pretrain(
                 last.update(row)
             if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
                 save_checkpoint(
-                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints
-                )
+                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
+                    sharded=cfg.train.dist.sharded,
+                )  # fmt: skip
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()

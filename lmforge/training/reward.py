@@ -253,10 +253,11 @@ def reward(
     block = cfg.train.block_size or trunk.cfg.max_seq_len
     train_pairs = render_pairs(tok, train_prefs, block)
     val_pairs = render_pairs(tok, val_prefs, block)
-    optimizer = build_optimizer(model, cfg.optim)
     # the head reads hidden states, so an LM head not tied to the embedding gets no gradient
     # and DDP must not wait for one
-    ddp = distributed.wrap(model, device, unused_params=not trunk.cfg.tie_embeddings)
+    untied = not trunk.cfg.tie_embeddings
+    ddp = distributed.wrap(model, device, cfg.train.dist, dtype, unused_params=untied)
+    optimizer = build_optimizer(model, cfg.optim)  # after wrap: FSDP replaces the parameters
     run_config: dict[str, Any] = {
         "stage": "reward",
         "family": base_config["family"],
@@ -340,8 +341,9 @@ def reward(
                 last.update(row)
             if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
                 save_checkpoint(
-                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints
-                )
+                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
+                    sharded=cfg.train.dist.sharded,
+                )  # fmt: skip
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()

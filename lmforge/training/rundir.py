@@ -128,6 +128,7 @@ RESUMABLE = (
     "train.keep_checkpoints",
     "train.trackers",  # they only mirror metrics.jsonl
     "train.dist.timeout_s",
+    "train.dist.activation_checkpointing",  # the same arithmetic, recomputed
 )
 
 

@@ -196,8 +196,8 @@ def sft(
     sampler = RowSampler(train_ex, block, layout, cfg.train.seed)
     val_rows = _val_rows(val_ex, block, layout, cfg.train.eval_blocks)
     eval_set = _eval_examples(cfg) if data.world and cfg.eval_prompts else []
-    optimizer = build_optimizer(model, cfg.optim)
-    ddp = distributed.wrap(model, device)  # the model itself in one process
+    ddp = distributed.wrap(model, device, cfg.train.dist, dtype)  # the model in one process
+    optimizer = build_optimizer(model, cfg.optim)  # after wrap: FSDP replaces the parameters
     fwd = model_forward(torch.compile(ddp) if cfg.train.compile else ddp, layout)
     run_config: dict[str, Any] = {
         "stage": "sft",
@@ -314,8 +314,9 @@ def sft(
                 last.update(row)
             if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
                 save_checkpoint(
-                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints
-                )
+                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
+                    sharded=cfg.train.dist.sharded,
+                )  # fmt: skip
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()

@@ -1,6 +1,6 @@
-"""torchrun with DDP on 2 CPU processes (gloo): the same losses as 1 process with the same global
-batch, one writer of the run folder, checkpoints that resume with another world size, and a
-failing or hung rank that ends the whole job instead of leaving the others waiting.
+"""torchrun with DDP and FSDP2 on 2 CPU processes (gloo): the same losses as 1 process with the
+same global batch, one writer of the run folder, checkpoints that resume with another world size,
+and a failing or hung rank that ends the whole job instead of leaving the others waiting.
 
 Each multi-process run costs a few seconds of start-up (every process imports torch), so the
 runs are few and tiny, and shared by the tests through module fixtures."""
@@ -18,13 +18,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from lmforge import config as C
+from lmforge import distributed
 from lmforge.data.world import World
 from lmforge.data.world_tasks import FLAWS, TaskConfig, make_splits
-from lmforge.distributed import ALL_ROWS, batch_share
+from lmforge.distributed import ALL_ROWS, DistConfig, batch_share
 from lmforge.errors import UserError
+from lmforge.models.encoder_decoder import EncoderDecoder
+from lmforge.models.transformer import TransformerConfig
 from lmforge.training.dpo import DPOConfig, dpo
 from lmforge.training.grpo import GRPOConfig, grpo
 from lmforge.training.metrics import read_metrics
@@ -140,22 +144,30 @@ def test_two_processes_pretrain_like_one_with_the_same_global_batch(
 ) -> None:
     assert_same_run(one_process, two_processes, range(1, 9), ("loss", "grad_norm", "val_loss"))
     assert rows(two_processes)[8]["tokens"] == rows(one_process)[8]["tokens"] == 8 * 16 * 64
-    one = load_file(str(one_process / "model.safetensors"))
-    two = load_file(str(two_processes / "model.safetensors"))
-    assert one.keys() == two.keys()
-    assert max(float((one[k] - two[k]).abs().max()) for k in one) < TOLERANCE
+    assert_same_weights(one_process, two_processes)
     states = sorted(p.name for p in (two_processes / "state").iterdir())
     assert states == ["step_00000004", "step_00000008"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    one, two = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert one.keys() == two.keys()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < TOLERANCE
+
+
+def resume_in_one_process(run: Path, out: Path, *overrides: str) -> Path:
+    """A copy of the 8-step `run` resumed in this process from its step 4 checkpoint."""
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "state" / "step_00000008")  # as if the job had died after step 4
+    pretrain(resume_config(out, overrides=overrides), out, resume=True, progress=False)
+    assert (out / "state" / "step_00000008").is_dir()  # trained again from step 4
+    return out
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(
     one_process: Path, two_processes: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "resumed"
-    shutil.copytree(two_processes, out)
-    shutil.rmtree(out / "state" / "step_00000008")  # as if the job had died after step 4
-    pretrain(resume_config(out), out, resume=True, progress=False)
-    assert (out / "state" / "step_00000008").is_dir()  # trained again from step 4
+    out = resume_in_one_process(two_processes, tmp_path / "resumed")
     assert_same_run(one_process, out, range(1, 9), ("loss", "grad_norm", "val_loss"))
 
 
@@ -176,6 +188,55 @@ def test_two_processes_fine_tune_like_one(
     two_processes: Path, fine_tuned: Path, tmp_path: Path
 ) -> None:
     run_two_ranks("sft", "--out", str(tmp_path / "two"), *sft_args(two_processes))
+    keys = ("loss", "grad_norm", "val_loss", "padding")
+    assert_same_run(fine_tuned, tmp_path / "two", range(1, 9), keys)
+
+
+FSDP = ("train.dist.strategy=fsdp",)
+
+
+@pytest.fixture(scope="module")
+def sharded(one_process: Path) -> Path:
+    out = one_process.parent / "fsdp"
+    torchrun("pretrain", "--out", str(out), *PRETRAIN, *FSDP)
+    return out
+
+
+def test_fsdp_two_processes_pretrain_like_one(one_process: Path, sharded: Path) -> None:
+    assert_same_run(one_process, sharded, range(1, 9), ("loss", "grad_norm", "val_loss"))
+    assert_same_weights(one_process, sharded)  # gathered from both ranks' shards
+    state = sharded / "state" / "step_00000008"
+    assert json.loads((state / "state.json").read_text())["layout"] == "sharded"
+    shards = sorted(p.name for p in (state / "shards").iterdir())
+    assert len(shards) == 2 and all(n.endswith(".safetensors") for n in shards)  # one per rank
+    # safetensors and JSON only: no pickled index of the shards (DCP's default `.metadata`)
+    files = [p for p in state.rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".safetensors", ".json") for p in files), files
+
+
+def test_fsdp_checkpoint_of_two_processes_resumes_in_one_with_activation_checkpointing(
+    one_process: Path, sharded: Path, tmp_path: Path
+) -> None:
+    # recomputing activations changes no number, so a resume may switch it on
+    ac = "train.dist.activation_checkpointing=true"
+    out = resume_in_one_process(sharded, tmp_path / "resumed", ac)
+    assert_same_run(one_process, out, range(1, 9), ("loss", "grad_norm", "val_loss"))
+    assert len(list((out / "state" / "step_00000008" / "shards").iterdir())) == 1  # 1 rank
+
+
+def test_a_resume_cannot_switch_between_ddp_and_fsdp(sharded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(sharded, out)
+    cfg = resume_config(out, overrides=["train.dist.strategy=ddp"])
+    with pytest.raises(UserError, match="cannot change train.dist.strategy"):
+        pretrain(cfg, out, resume=True, progress=False)
+
+
+def test_fsdp_two_processes_fine_tune_like_one_with_activation_checkpointing(
+    two_processes: Path, fine_tuned: Path, tmp_path: Path
+) -> None:
+    ac = "train.dist.activation_checkpointing=true"
+    run_two_ranks("sft", "--out", str(tmp_path / "two"), *sft_args(two_processes), *FSDP, ac)
     keys = ("loss", "grad_norm", "val_loss", "padding")
     assert_same_run(fine_tuned, tmp_path / "two", range(1, 9), keys)
 
@@ -217,20 +278,28 @@ def pairs(fine_tuned: Path) -> tuple[Path, Path]:
     return files[0], files[1]
 
 
-def assert_reward_like_one(trunk: Path, pairs: tuple[Path, Path], out: Path) -> None:
+def assert_reward_like_one(
+    trunk: Path, pairs: tuple[Path, Path], out: Path, strategy: str = "ddp"
+) -> None:
     args = [f"model={trunk}", f"data={pairs[0]}", f"val_data={pairs[1]}", "world_check=false"]
     args += PAIRWISE
     reward(C.load(RewardConfig, None, args), out / "one", progress=False)
-    run_two_ranks("reward", "train", "--out", str(out / "two"), *args)
+    two = ("--out", str(out / "two"), *args, f"train.dist.strategy={strategy}")
+    run_two_ranks("reward", "train", *two)
     keys = ("loss", "grad_norm", "val_loss", "val_acc")
     assert_same_run(out / "one", out / "two", range(1, 5), keys)
     assert rows(out / "one")[4]["loss"] != rows(out / "one")[1]["loss"]  # it trained
 
 
+# FSDP shards the same blocks in every stage; pretraining and SFT test it by default
+SLOW_FSDP = pytest.param("fsdp", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", SLOW_FSDP])
 def test_two_processes_train_a_reward_model_like_one(
-    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path
+    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path, strategy: str
 ) -> None:
-    assert_reward_like_one(fine_tuned, pairs, tmp_path)
+    assert_reward_like_one(fine_tuned, pairs, tmp_path, strategy)
 
 
 def test_two_processes_train_a_reward_model_on_a_trunk_with_an_untied_lm_head(
@@ -243,8 +312,9 @@ def test_two_processes_train_a_reward_model_on_a_trunk_with_an_untied_lm_head(
     assert_reward_like_one(tmp_path / "base", pairs, tmp_path)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", SLOW_FSDP])
 def test_two_processes_optimise_dpo_like_one(
-    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path
+    fine_tuned: Path, pairs: tuple[Path, Path], tmp_path: Path, strategy: str
 ) -> None:
     args = [
         f"policy={fine_tuned}",
@@ -255,7 +325,7 @@ def test_two_processes_optimise_dpo_like_one(
         *PAIRWISE,
     ]
     dpo(C.load(DPOConfig, None, args), tmp_path / "one", progress=False)
-    run_two_ranks("dpo", "--out", str(tmp_path / "two"), *args)
+    run_two_ranks("dpo", "--out", str(tmp_path / "two"), *args, f"train.dist.strategy={strategy}")
     keys = ("loss", "grad_norm", "val_loss", "val_acc", "val_margin")
     assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 5), keys)
     assert rows(tmp_path / "one")[4]["loss"] != rows(tmp_path / "one")[1]["loss"]  # it trained
@@ -335,13 +405,93 @@ def test_two_processes_optimise_a_policy_with_rl_like_one(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("arch", ["encoder", "encoder-decoder"])
-def test_the_other_families_pretrain_like_one_process(arch: str, tmp_path: Path) -> None:
+def test_the_other_families_pretrain_like_one_process(
+    arch: str, strategy: str, tmp_path: Path
+) -> None:
     # grad_accum=1: ranks split every micro-batch's rows; masked tokens differ per row
     args = [*PRETRAIN, "train.grad_accum=1", f"arch={arch}"]
     pretrain(C.load(PretrainConfig, None, args), tmp_path / "one", progress=False)
-    torchrun("pretrain", "--out", str(tmp_path / "two"), *args)
+    torchrun("pretrain", "--out", str(tmp_path / "two"), *args, f"train.dist.strategy={strategy}")
     assert_same_run(tmp_path / "one", tmp_path / "two", range(1, 9), ("loss", "val_loss"))
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_of_one_process_resumes_in_two(one_process: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*PRETRAIN, *FSDP, "train.max_steps=4"]
+    pretrain(C.load(PretrainConfig, None, args), out, progress=False)
+    torchrun("pretrain", "--out", str(out), "--resume", "train.max_steps=8")
+    assert_same_run(one_process, out, range(1, 9), ("loss", "grad_norm", "val_loss"))
+    assert len(list((out / "state" / "step_00000008" / "shards").iterdir())) == 2  # 2 ranks
+
+
+def test_activation_checkpointing_keeps_the_gradients_and_the_parameter_names() -> None:
+    # the encoder-decoder has both kinds of block; the decoder is tested in the resume above
+    cfg = TransformerConfig(vocab_size=40, n_layer=2, n_embd=16, n_head=2, max_seq_len=16)
+    x = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model = EncoderDecoder(cfg)
+        dist = DistConfig(activation_checkpointing=ac)
+        wrapped = distributed.wrap(model, torch.device("cpu"), dist, torch.float32)
+        wrapped(x, x).square().mean().backward()
+        grads.append({k: v.grad for k, v in model.named_parameters()})
+        # the wrappers' names stay out of state dicts, so checkpoints are the same files
+        assert all("checkpoint" not in k for k in model.state_dict())
+    assert all("checkpoint" in k for k in grads[1] if k.startswith(("encoder.", "decoder.")))
+    plain, recomputed = grads[0].values(), grads[1].values()
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed, strict=True))
+
+
+# Train a tiny encoder-decoder for 3 steps, then generate: under FSDP, generation calls the
+# model's encode/decode and each block's memory_kv apart from forward, which must gather weights.
+SEQ2SEQ = """
+import json, sys, torch
+import torch.nn.functional as F
+from lmforge import distributed
+from lmforge.distributed import DistConfig
+from lmforge.generation.generate import SamplingConfig, generate_seq2seq
+from lmforge.models.encoder_decoder import EncoderDecoder
+from lmforge.models.transformer import TransformerConfig
+from lmforge.training.optim import OptimConfig, build_optimizer
+
+device = distributed.init(DistConfig(), torch.device("cpu"))
+torch.manual_seed(0)
+cfg = TransformerConfig(vocab_size=50, n_layer=2, n_embd=16, n_head=2, max_seq_len=32)
+dist = DistConfig(strategy="fsdp", activation_checkpointing=True)
+model = distributed.wrap(EncoderDecoder(cfg), device, dist, torch.float32)
+optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+g = torch.Generator().manual_seed(1)
+src, tgt = torch.randint(0, 50, (4, 10), generator=g), torch.randint(0, 50, (4, 8), generator=g)
+losses = []
+for _ in range(3):
+    loss = F.cross_entropy(model(src, tgt).flatten(0, 1), tgt.roll(-1, 1).flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(loss.item())
+sampling = SamplingConfig(max_new_tokens=5, temperature=0.0)
+out = generate_seq2seq(model, [[1, 2, 3, 4], [5, 6, 7]], sampling, start_id=1, eos_id=None)
+if distributed.is_main():
+    with open(sys.argv[1], "w") as f:
+        json.dump({"losses": losses, "out": out}, f)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_encoder_decoder_trains_and_generates_like_one_process(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-c", SEQ2SEQ, str(one)], env=_env(), check=True)
+    ranks = start_ranks("-c", SEQ2SEQ, str(two))
+    errors = [p.communicate(timeout=120)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], errors[0][-2000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["out"] == b["out"]
+    assert a["losses"] == pytest.approx(b["losses"], abs=TOLERANCE)
 
 
 @pytest.mark.parametrize(
