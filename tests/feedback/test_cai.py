@@ -111,6 +111,7 @@ def test_position_swap_debiasing_cancels_a_fixed_preference_for_position_a() -> 
     records = flawed_records(1)
     labels = label_ai(records, FirstPosition(), AILabelConfig(), WORLD, progress=False)  # type: ignore[arg-type]
     assert labels and all(p["label"] == pytest.approx(0.5) for p in labels)
+    assert label_summary(labels)["gold_agreement"] == 0.5  # no side taken, no credit
     biased = label_ai(records, FirstPosition(), AILabelConfig(swap=False), WORLD, progress=False)  # type: ignore[arg-type]
     assert all(p["label"] == pytest.approx(0.9) for p in biased)
     # A rule judge with a strong first-position bias still sides with the gold reward once
