@@ -183,6 +183,10 @@ def test_constitution_validation_names_the_file_and_field(
     err = fails(capsys, "label", "--ai", str(responses), "--out", str(tmp_path / "p.jsonl"),
                 "--constitution", "wrold")  # fmt: skip
     assert "chat or world or a .toml file" in err
+    yaml_file = tmp_path / "mine.yaml"  # the same keys in YAML
+    yaml_file.write_text("name: mine\ncomparison: Which is better?\nprinciples:\n"
+                         "  - {name: a, critique: Find flaws., revision: Fix them.}\n")  # fmt: skip
+    assert load_constitution(yaml_file).principles[0].revision == "Fix them."
     with pytest.raises(UserError, match="name 'a' is used twice"):
         principle = {"name": "a", "critique": "x", "revision": "y"}
         parse_constitution({"name": "n", "comparison": "c", "principles": [principle] * 2}, "f")
