@@ -20,7 +20,7 @@ import torch
 
 from lmforge import config as C
 from lmforge import distributed
-from lmforge.data.corpora import DataConfig, load_corpus, read_jsonl
+from lmforge.data.corpora import DataConfig, load_corpus
 from lmforge.data.instruction import Message
 from lmforge.data.preference import Preference, load_preferences
 from lmforge.data.world import WorldConfig, write_world
@@ -29,10 +29,10 @@ from lmforge.evaluation.tasks import EvalConfig
 from lmforge.feedback.cai import (
     AILabelConfig,
     ReviseConfig,
-    check_responses,
     label_ai,
     label_summary,
     prompt_examples,
+    read_responses,
     record_examples,
     revise_records,
 )
@@ -391,7 +391,7 @@ def label(
         flags = {"judge.model": judge, "judge.constitution": constitution, "clamp": clamp}
         cfg = C.load(AILabelConfig, None, [*_flags(flags), *overrides])
         _check_new_file(out, overwrite)
-        records = _responses(ai_file)
+        records = read_responses(ai_file)
         ai_judge, rules = make_judge(cfg.judge, record_examples(records), load_model)
         prefs = label_ai(records, ai_judge, cfg, rules, progress=not quiet)
         atomic_write_jsonl(out, prefs)
@@ -418,16 +418,10 @@ def label(
     assert simulated is not None
     annotator = C.load(Annotator, None, overrides)
     _check_new_file(out, overwrite)
-    records = _responses(simulated)
+    records = read_responses(simulated)
     prefs = label_simulated(records, annotator)
     atomic_write_jsonl(out, prefs)
     click.echo(f"{out}: {len(prefs)} preference pairs from {len(records)} prompts")
-
-
-def _responses(path: Path) -> list[dict[str, Any]]:
-    records = [rec for _, rec in read_jsonl(path)]
-    check_responses(records, str(path))
-    return records  # type: ignore[return-value]
 
 
 def _flags(values: Mapping[str, str | None]) -> list[str]:

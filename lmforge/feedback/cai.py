@@ -21,11 +21,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from lmforge.config import check, opt
+from lmforge.data.corpora import read_jsonl
 from lmforge.data.instruction import Message
 from lmforge.data.preference import Preference, preference_record
 from lmforge.data.world_tasks import TaskExample
@@ -254,7 +256,7 @@ def label_summary(
     """How AI labels relate to the world's truth, where it is known (default annotator settings):
 
     - `gold_agreement`: over the pairs the gold reward decides, the share where the label sides
-      with it (what the simulated label stage reports);
+      with it (what the simulated label stage reports; a 0.5 label counts a half);
     - `annotator_agreement`: the expected agreement of a simulated annotator's draws (the
       stand-in for people) with the AI's choices, over every pair with known gold rewards;
     - `annotator_gold_agreement`: the simulated annotators' own expected `gold_agreement` on
@@ -273,7 +275,11 @@ def label_summary(
 
     if decided:
         better = [p["gold_chosen"] > p["gold_rejected"] for p in decided]
-        row["gold_agreement"] = sum(better) / len(decided)
+        # A label of exactly 0.5 takes no side: half agreement, whichever response is `chosen`.
+        sides = [
+            0.5 if p["label"] == 0.5 else float(b) for p, b in zip(decided, better, strict=True)
+        ]
+        row["gold_agreement"] = sum(sides) / len(decided)
         row["annotator_gold_agreement"] = sum(
             p_ann(p, flip=not b) for p, b in zip(decided, better, strict=True)
         ) / len(decided)
@@ -282,10 +288,13 @@ def label_summary(
     return row
 
 
-def check_responses(records: Sequence[Any], source: str) -> None:
-    """Refuse, naming the line, a record that is not a responses record."""
-    for i, rec in enumerate(records, start=1):
+def read_responses(path: Path) -> list[dict[str, Any]]:
+    """responses.jsonl records (what `lmforge sample` writes), each checked."""
+    records: list[dict[str, Any]] = []
+    for line, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("responses"), list):
-            raise UserError(f"{source}:{i}: expected a responses record (see lmforge sample)")
+            raise UserError(f"{path}:{line}: expected a responses record (see lmforge sample)")
         if not isinstance(rec.get("messages"), list) or not rec["messages"]:
-            raise UserError(f"{source}:{i}: field 'messages': expected the prompt's messages")
+            raise UserError(f"{path}:{line}: field 'messages': expected the prompt's messages")
+        records.append(rec)
+    return records

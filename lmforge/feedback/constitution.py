@@ -7,7 +7,7 @@ critique request ("Identify ways in which the response is wrong") and a revision
 correct, concise and polite?") turns the same principles into pairwise preferences. Optional
 few-shot examples show the judge model the expected form of a critique and a revision.
 
-A constitution is a TOML file:
+A constitution is a TOML file (or the same keys in YAML):
 
     name = "world"
     comparison = "Which response answers correctly, concisely and politely?"
@@ -101,7 +101,7 @@ def load_constitution(spec: str | Path) -> Constitution:
     path = Path(spec)
     if str(spec) in shipped_names():
         path, source = SHIPPED / f"{spec}.toml", str(spec)
-    elif path.suffix != ".toml":
+    elif path.suffix not in (".toml", ".yaml", ".yml"):  # YAML: the config reader has it
         raise UserError(
             f"constitution '{spec}': expected {' or '.join(shipped_names())} or a .toml file"
         )

@@ -28,9 +28,15 @@ from typing import Any
 import torch
 
 from lmforge import config as C
-from lmforge.data.corpora import load_corpus, read_jsonl
+from lmforge.data.corpora import load_corpus
 from lmforge.errors import UserError
-from lmforge.feedback.cai import AILabelConfig, label_ai, label_summary, record_examples
+from lmforge.feedback.cai import (
+    AILabelConfig,
+    label_ai,
+    label_summary,
+    read_responses,
+    record_examples,
+)
 from lmforge.feedback.judges import make_judge
 from lmforge.feedback.sampling import file_prompts, sample_responses, world_prompts
 from lmforge.feedback.simulated import Annotator, label_simulated
@@ -227,10 +233,10 @@ def _label(
         ("responses_val.jsonl", "prefs_val.jsonl"),
     ):
         if (sample / src).exists():
-            inputs[dst] = [rec for _, rec in read_jsonl(sample / src)]
+            inputs[dst] = read_responses(sample / src)
     if isinstance(labeller, AILabelConfig):
-        return _label_ai(labeller, inputs, out, progress)  # type: ignore[arg-type]
-    files = {dst: label_simulated(recs, labeller) for dst, recs in inputs.items()}  # type: ignore[arg-type]
+        return _label_ai(labeller, inputs, out, progress)
+    files = {dst: label_simulated(recs, labeller) for dst, recs in inputs.items()}
     pairs = [p for recs in files.values() for p in recs]
     decided = [p for p in pairs if p["gold_chosen"] != p["gold_rejected"]]
     row = {

@@ -111,6 +111,7 @@ def test_position_swap_debiasing_cancels_a_fixed_preference_for_position_a() -> 
     records = flawed_records(1)
     labels = label_ai(records, FirstPosition(), AILabelConfig(), WORLD, progress=False)  # type: ignore[arg-type]
     assert labels and all(p["label"] == pytest.approx(0.5) for p in labels)
+    assert label_summary(labels)["gold_agreement"] == 0.5  # no side taken, no credit
     biased = label_ai(records, FirstPosition(), AILabelConfig(swap=False), WORLD, progress=False)  # type: ignore[arg-type]
     assert all(p["label"] == pytest.approx(0.9) for p in biased)
     # A rule judge with a strong first-position bias still sides with the gold reward once
@@ -182,6 +183,10 @@ def test_constitution_validation_names_the_file_and_field(
     err = fails(capsys, "label", "--ai", str(responses), "--out", str(tmp_path / "p.jsonl"),
                 "--constitution", "wrold")  # fmt: skip
     assert "chat or world or a .toml file" in err
+    yaml_file = tmp_path / "mine.yaml"  # the same keys in YAML
+    yaml_file.write_text("name: mine\ncomparison: Which is better?\nprinciples:\n"
+                         "  - {name: a, critique: Find flaws., revision: Fix them.}\n")  # fmt: skip
+    assert load_constitution(yaml_file).principles[0].revision == "Fix them."
     with pytest.raises(UserError, match="name 'a' is used twice"):
         principle = {"name": "a", "critique": "x", "revision": "y"}
         parse_constitution({"name": "n", "comparison": "c", "principles": [principle] * 2}, "f")
