@@ -60,6 +60,7 @@ from lmforge.training.checkpoint import load_state, save_model_dir, save_state
 from lmforge.training.diagnostics import DiagnosticsConfig
 from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.preempt import Preempted, on_sigterm
 from lmforge.training.rollout import REWARDS, Rollout, response_logprobs
 from lmforge.training.rundir import final_row, run_dir
 
@@ -145,7 +146,7 @@ def ppo(
     run_config = policy_run_config("ppo", "ppo", cfg, s)
     B, T = cfg.train.batch_size, cfg.train.max_steps
 
-    with run_dir(out, fresh=s.state is None, overwrite=overwrite):
+    with run_dir(out, fresh=s.state is None, overwrite=overwrite), on_sigterm() as sigterm:
         start, beta = 0, cfg.kl_coef
         if s.state is not None:
             saved = load_state(s.state, both, optimizer)
@@ -224,7 +225,8 @@ def ppo(
             if due(done, cfg.train.log_every, T):
                 metrics.log(row)
                 last.update(row)
-            if due(done, cfg.train.ckpt_every, T):
+            preempted = sigterm.requested()
+            if preempted or due(done, cfg.train.ckpt_every, T):
                 meta = {
                     "stage": "ppo",
                     "autocast": str(s.dtype).removeprefix("torch."),
@@ -232,6 +234,9 @@ def ppo(
                 }
                 save_state(out, done, both, optimizer, meta, keep=cfg.train.keep_checkpoints)
                 save_model_dir(out, policy, {**run_config, "step": done})
+            if preempted:
+                metrics.close()
+                raise Preempted(done)
         bar.close()
         metrics.close()
     return last
