@@ -35,6 +35,7 @@ from lmforge.training.align import (
 )
 from lmforge.training.checkpoint import load_state, save_checkpoint
 from lmforge.training.diagnostics import DiagnosticsConfig
+from lmforge.training.guard import check_stop_only
 from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.preempt import Preempted, on_sigterm
@@ -75,6 +76,7 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.policy), "policy", "give the SFT checkpoint (--policy DIR)")
+        check_stop_only(self.train, "GRPO")
         check(
             self.reward != "model" or bool(self.reward_model),
             "reward_model",

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge import distributed
+from lmforge.config import check
 from lmforge.errors import UserError
 
 if TYPE_CHECKING:
@@ -149,3 +150,11 @@ class StepGuard:
 def _warn(message: str) -> None:
     if distributed.is_main():
         tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def check_stop_only(train: TrainConfig, stage: str) -> None:
+    """For the config of a stage that steps its optimizer itself (PPO, GRPO: several updates
+    per iteration), where only the default (stop on non-finite values) applies."""
+    where = "skipping is for pretrain, sft, reward and dpo"
+    check(train.nonfinite == "stop", "train.nonfinite", f"{stage} stops on NaN/inf; {where}")
+    check(train.spike != "skip", "train.spike", f"{stage} watches no spikes; {where}")

@@ -58,6 +58,7 @@ from lmforge.training.align import (
 )
 from lmforge.training.checkpoint import load_state, save_model_dir, save_state
 from lmforge.training.diagnostics import DiagnosticsConfig
+from lmforge.training.guard import check_stop_only
 from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.preempt import Preempted, on_sigterm
@@ -109,6 +110,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.policy), "policy", "give the SFT checkpoint (--policy DIR)")
+        check_stop_only(self.train, "PPO")
         check(
             self.reward != "model" or bool(self.reward_model),
             "reward_model",

@@ -186,9 +186,14 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_never_starts_afresh(
 # -- 3. retention and a failed save -----------------------------------------------------------
 
 
-def test_keep_checkpoints_must_be_at_least_two() -> None:
+def test_keep_checkpoints_must_be_at_least_two_and_skips_need_train_step() -> None:
     with pytest.raises(UserError, match="field 'train.keep_checkpoints': must be >= 2"):
         C.load(PretrainConfig, None, ["train.keep_checkpoints=1"])
+    from lmforge.training.ppo import PPOConfig
+
+    for option in ("train.nonfinite=skip", "train.spike=skip"):  # PPO steps its optimizer itself
+        with pytest.raises(UserError, match=f"field '{option.split('=')[0]}': PPO"):
+            C.load(PPOConfig, None, ["policy=p", "reward=gold", option])
 
 
 def test_a_full_disk_mid_save_keeps_the_last_good_checkpoint(
@@ -445,3 +450,46 @@ def test_a_loss_spike_is_flagged_and_skipped_on_request(
     )
     err = capsys.readouterr().err
     assert "step 10: loss spike" in err and ("update skipped" in err) == (policy == "skip")
+
+
+# Rank 1 alone gets a NaN loss at step 3; each rank records a digest of its weights per step.
+NAN_ON_RANK_1 = """
+import hashlib, os, sys
+import lmforge.training.pretrain as P
+from lmforge import distributed
+from lmforge.cli import main
+real_loss, real_step, calls = P.token_loss, P.train_step, []
+def token_loss(out, y):
+    calls.append(1)
+    nan = distributed.rank() == 1 and len(calls) == 3
+    return real_loss(out, y) * (float("nan") if nan else 1.0)
+def train_step(model, *a, **k):
+    result = real_step(model, *a, **k)
+    weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+    with open(f"{os.environ['DIGESTS']}.{distributed.rank()}", "a") as f:
+        f.write(hashlib.sha256(weights).hexdigest() + "\\n")
+    return result
+P.token_loss, P.train_step = token_loss, train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # two processes that each import torch: ~15-40 s on a busy 2-core machine
+def test_every_rank_skips_a_nan_that_only_one_rank_saw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.training.test_distributed import start_ranks
+
+    script, out, digests = tmp_path / "nan.py", tmp_path / "run", tmp_path / "digests"
+    script.write_text(NAN_ON_RANK_1)
+    monkeypatch.setenv("DIGESTS", str(digests))  # the ranks inherit it
+    args = [*ARGS, "train.max_steps=5", "train.grad_accum=2", "train.nonfinite=skip"]
+    ranks = start_ranks(str(script), "pretrain", "--out", str(out), "--quiet", *args)
+    errors = [p.communicate(timeout=180)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    per_rank = [Path(f"{digests}.{r}").read_text().split() for r in (0, 1)]
+    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 5  # the same weights, every step
+    assert per_rank[0][2] == per_rank[0][1]  # step 3 changed nothing on either rank
+    assert [
+        r.get("skipped_steps", 0) for r in read_metrics(out / "metrics.jsonl") if "loss" in r
+    ] == [0, 0, 1, 1, 1]
