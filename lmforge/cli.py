@@ -2,8 +2,9 @@
 
 Each command parses arguments, loads and validates a config (file + dotted overrides), and
 calls a library function. A `UserError` (or a usage error) becomes one `error: ...` line on
-stderr and exit code 2. The options of a stage's config are listed in its `--help`, generated
-from the config fields' own help strings.
+stderr and exit code 2; a training run stopped by SIGTERM (after saving a checkpoint) exits
+with code 143 (`training/preempt.py`). The options of a stage's config are listed in its
+`--help`, generated from the config fields' own help strings.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from lmforge.training.grpo import GRPOConfig
 from lmforge.training.grpo import grpo as run_grpo
 from lmforge.training.ppo import PPOConfig
 from lmforge.training.ppo import ppo as run_ppo
+from lmforge.training.preempt import PREEMPTED_EXIT_CODE, Preempted
 from lmforge.training.pretrain import PretrainConfig
 from lmforge.training.pretrain import pretrain as run_pretrain
 from lmforge.training.reward import RewardConfig, render_pairs, score_pairs
@@ -1015,6 +1017,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        distributed.shutdown()
+        return PREEMPTED_EXIT_CODE
     return 2
 
 

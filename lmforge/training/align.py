@@ -118,6 +118,11 @@ def start_rl(
     """The shared start of PPO, GRPO and DPO (configs with policy, reward_model, prompts, tasks,
     eval_prompts, sampling, train): check the run folder, then load everything, seeded.
     `multi_process`: the stage runs under torchrun (see `setup_device`)."""
+    if rollouts and (cfg.train.dist.sharded or cfg.train.dist.activation_checkpointing):
+        # rollouts generate with the whole policy on every rank, through its own blocks
+        raise UserError(
+            "train.dist: PPO and GRPO run with strategy=ddp and without activation_checkpointing"
+        )
     state = check_run_dir(out, resume=resume, overwrite=overwrite)
     check_trackers(cfg.train.trackers)
     if state is not None:

@@ -6,14 +6,20 @@ Two artefacts, both safetensors plus JSON, never pickle:
 - resume state: `state/step_XXXXXXXX/` holding `model.safetensors`, `optim.safetensors`
   (AdamW moments, step counters and RNG states as tensors) and `state.json` (step, optimizer
   hyper-parameters, anything else the trainer needs). The folder is written under a temporary
-  name and renamed when complete, so a checkpoint counts only once it is whole; the newest
-  complete one is what `--resume` picks. The last `keep` are kept.
+  name and renamed when complete, so a checkpoint counts only once it is whole.
+
+Both carry a `manifest.json` (manifest.py) written last: loading checks every file's size and
+SHA-256 against it. `--resume` picks the newest state folder that passes that check, reporting
+any partial (`.tmp-*`) or damaged one it passes over; where checkpoints exist but none is
+valid it refuses, so a run never silently starts again from random weights. The newest `keep`
+states (at least 2) are kept, and older ones are deleted only after a new one is complete, so
+a failed save (a full disk) always leaves the last good one.
 
 Runs with train.dist.strategy=fsdp write their resume state sharded instead (`"layout":
 "sharded"` in state.json): `shards/` holds one safetensors file per rank with its part of the
 model and the optimizer state (`distributed.save_shards`), `rng.safetensors` rank 0's RNG
-states. Any number of ranks resumes from it; the model folder beside it is the whole model,
-gathered on rank 0.
+states; its manifest lists the shards too. Any number of ranks resumes from it; the model
+folder beside it is the whole model, gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +48,12 @@ from lmforge.models.reward import RewardModel
 from lmforge.models.transformer import Transformer, TransformerConfig
 from lmforge.runtime import DTYPES
 from lmforge.tokenizers import Tokenizer, load_tokenizer
+from lmforge.training.manifest import MANIFEST, CorruptCheckpoint, verify_manifest, write_manifest
 
 STATE_DIR = "state"
 SHARDS_DIR = "shards"
-FORMAT_VERSION = 1
+# 2: model folders and state folders carry a manifest (1: written before manifests existed).
+FORMAT_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,11 +61,31 @@ FORMAT_VERSION = 1
 
 
 def save_model_dir(out: Path, model: torch.nn.Module, config: dict[str, Any]) -> None:
-    """Write `out/model.safetensors` and `out/config.json` atomically."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write `out/model.safetensors` and `out/config.json` atomically, then their manifest
+    (with the tokenizer's files, when `out/tokenizer` exists)."""
     # save_model drops tied duplicates (lm_head == tok_emb) that save_file would refuse.
-    atomic_write(out / "model.safetensors", lambda p: save_model(_unwrap(model), str(p)))
-    atomic_write_json(out / "config.json", {"format_version": FORMAT_VERSION, **config})
+    _write_model_dir(out, lambda p: save_model(_unwrap(model), str(p)), config)
+
+
+def _write_model_dir(
+    out: Path, write_weights: Callable[[Path], None], config: dict[str, Any]
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with _save_errors(out):
+        # The old manifest goes first: a save cut short leaves none, never a stale one.
+        (out / MANIFEST).unlink(missing_ok=True)
+        atomic_write(out / "model.safetensors", write_weights)
+        atomic_write_json(out / "config.json", {"format_version": FORMAT_VERSION, **config})
+        tok_files = [
+            str(f.relative_to(out)) for f in sorted((out / "tokenizer").glob("*")) if f.is_file()
+        ]
+        write_manifest(out, ["model.safetensors", "config.json", *tok_files])
+
+
+def verify_model_dir(model_dir: Path, config: dict[str, Any]) -> None:
+    """Check a model folder against its manifest; folders from before manifests have none."""
+    if (model_dir / MANIFEST).exists() or config.get("format_version", 1) >= 2:
+        verify_manifest(model_dir)
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:
@@ -131,14 +162,38 @@ def save_state(
     else:
         tensors, groups = _flatten_optimizer(optimizer)
         tensors.update(_rng_states())
-        with atomic_dir(final) as tmp:
+        with _save_errors(final), atomic_dir(final) as tmp:
             save_model(_unwrap(model), str(tmp / "model.safetensors"))
             save_file(tensors, str(tmp / "optim.safetensors"))
             _write_state_json(tmp, {**meta, "param_groups": groups})
+            write_manifest(tmp, ["model.safetensors", "optim.safetensors", "state.json"])
     if distributed.is_main():
-        for old in list_states(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_states(run_dir, keep)
     return final
+
+
+@contextmanager
+def _save_errors(path: Path) -> Iterator[None]:
+    """A failed write (a full disk) as one clear error; what was saved before stays."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(
+            f"{path}: cannot save the checkpoint ({reason}); earlier checkpoints are kept"
+        ) from None
+
+
+def prune_states(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete states, and folders of saves that a killed
+    process left half-written (another process's `.tmp-*`). Called only after a save succeeded,
+    so the previous good state is never the one deleted."""
+    for old in list_states(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    mine = f"-{os.getpid()}"
+    for stale in partial_states(run_dir):
+        if not stale.name.endswith(mine):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _save_sharded_state(
@@ -155,10 +210,12 @@ def _save_sharded_state(
     # returns on rank 0 only once every rank has written its file
     groups = distributed.save_shards(staging, model, optimizer)
     if distributed.is_main():
-        with atomic_dir(final) as tmp:
+        with _save_errors(final), atomic_dir(final) as tmp:
             os.rename(staging, tmp / SHARDS_DIR)
             save_file(_rng_states(), str(tmp / "rng.safetensors"))
             _write_state_json(tmp, {**meta, "layout": "sharded", "param_groups": groups})
+            shards = [f"{SHARDS_DIR}/{f.name}" for f in sorted((tmp / SHARDS_DIR).iterdir())]
+            write_manifest(tmp, ["rng.safetensors", "state.json", *shards])
     distributed.barrier()
 
 
@@ -174,14 +231,17 @@ def save_checkpoint(
     run_config: dict[str, Any],
     dtype: torch.dtype,
     keep: int,
+    extra: dict[str, Any] | None = None,
     *,
     sharded: bool = False,
 ) -> None:
     """Resume state for `step` and the model folder beside it: what every stage saves. Under
     torchrun rank 0 alone writes them (every rank holds the same weights); with `sharded`
     (train.dist.strategy=fsdp) every rank writes its shards of the state and the model folder
-    holds the whole model gathered on rank 0, so every rank must call this."""
+    holds the whole model gathered on rank 0, so every rank must call this. `extra`: more
+    JSON-able state for state.json."""
     meta = {"stage": run_config["stage"], "autocast": str(dtype).removeprefix("torch.")}
+    meta.update(extra or {})
     config = {**run_config, "step": step}
     if sharded:
         save_state(out, step, model, optimizer, meta, keep=keep, sharded=True)
@@ -204,9 +264,7 @@ def save_full_model_dir(
     modules share (the tied LM head) is written once, as `save_model` writes it."""
     tied = distributed.tied_names(model)
     tensors = {k: v.contiguous() for k, v in state.items() if k not in tied}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
-    atomic_write_json(out / "config.json", {"format_version": FORMAT_VERSION, **config})
+    _write_model_dir(out, lambda p: save_file(tensors, str(p)), config)
 
 
 def list_states(run_dir: Path) -> list[Path]:
@@ -220,16 +278,71 @@ def list_states(run_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: d.name)
 
 
+def partial_states(run_dir: Path) -> list[Path]:
+    """State folders of saves that never finished: a killed save's `.tmp-*` folder, or a
+    `step_*` folder without its state.json (a partial copy)."""
+    root = run_dir / STATE_DIR
+    if not root.is_dir():
+        return []
+    return sorted(
+        d
+        for d in root.iterdir()
+        if d.is_dir() and (d.name.startswith(".tmp-") or not (d / "state.json").is_file())
+    )
+
+
 def latest_state(run_dir: Path) -> Path | None:
+    """The newest state folder that passes its manifest check; None if there is none at all.
+
+    Partial and damaged folders are reported on stderr and passed over, falling back to the
+    previous checkpoint. If there are checkpoints but none is valid, a UserError: resuming
+    (or a restart) must never begin again from random weights."""
+    for partial in partial_states(run_dir):
+        _report(f"{partial}: partial checkpoint folder ignored (its save was interrupted)")
     states = list_states(run_dir)
-    return states[-1] if states else None
+    for i, state in enumerate(reversed(states)):
+        try:
+            verify_state(state)
+        except CorruptCheckpoint as e:
+            _report(f"{e}; checkpoint ignored")
+            continue
+        if i:
+            _report(f"falling back to the previous valid checkpoint {state}")
+        return state
+    if states:
+        raise UserError(
+            f"{run_dir / STATE_DIR}: no valid checkpoint ({len(states)} damaged, see the "
+            "warnings above); start a new run without --resume"
+        )
+    return None
+
+
+def verify_state(state_dir: Path) -> None:
+    """Check a state folder against its manifest (those from before manifests have none)."""
+    if (state_dir / MANIFEST).exists():
+        verify_manifest(state_dir)
+        return
+    try:
+        version = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        version = version.get("format_version", 1)
+    except (OSError, ValueError, AttributeError):
+        version = FORMAT_VERSION
+    if version >= 2:
+        verify_manifest(state_dir)  # raises: it has no manifest
+
+
+def _report(message: str) -> None:
+    if distributed.is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def load_state(
     state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from a state folder; return its `state.json`. Under
-    torchrun every rank calls it; sharded state loads into any number of ranks."""
+    """Check a state folder against its manifest, then restore model, optimizer and RNG from
+    it; return its `state.json`. Under torchrun every rank calls it; sharded state loads into
+    any number of ranks."""
+    verify_state(state_dir)
     try:
         meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
@@ -343,6 +456,7 @@ def load_model(
         decoder, tok, config = import_hf(model_dir)
         return decoder.to(device), tok, config
     config = read_config_json(model_dir)
+    verify_model_dir(model_dir, config)
     found = config.get("family")
     if not isinstance(found, str) or found not in FAMILIES:
         raise UserError(f"{model_dir / 'config.json'}: field 'family': unknown family {found!r}")
@@ -365,6 +479,7 @@ def load_reward_model(
     config = read_config_json(model_dir)
     if config.get("head") != "reward":
         raise UserError(f"{model_dir}: not a reward model (train one with `lmforge reward`)")
+    verify_model_dir(model_dir, config)
     found = config.get("family")
     if found not in ("decoder", "encoder"):
         raise UserError(f"{model_dir / 'config.json'}: field 'family': unknown trunk {found!r}")

@@ -36,8 +36,10 @@ from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import render_chat
 from lmforge.training.align import eval_policy, open_run, policy_run_config, start_rl
 from lmforge.training.checkpoint import load_state, save_checkpoint
-from lmforge.training.loop import TrainConfig, due, epoch_order, step_bar, train_step
+from lmforge.training.guard import StepGuard
+from lmforge.training.loop import TrainConfig, due, end_step, epoch_order, step_bar, train_step
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.preempt import on_sigterm
 from lmforge.training.rundir import final_row, run_dir
 
 
@@ -173,11 +175,13 @@ def dpo(
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return sequence_logprobs(ddp, ids, mask)
 
-    with run_dir(out, fresh=state is None, overwrite=overwrite):
+    guard = StepGuard(cfg.train)
+    with run_dir(out, fresh=state is None, overwrite=overwrite), on_sigterm() as sigterm:
         start = 0
         if state is not None:
             saved = load_state(state, policy, optimizer)
             start, dtype = saved["step"], DTYPES[saved["autocast"]]
+            guard.load_state_dict(saved.get("guard"))
         metrics, _ = open_run(out, s, run_config, start, cfg.train.trackers)
         n_cut = train.n_truncated + val.n_truncated
         if state is None:
@@ -192,6 +196,14 @@ def dpo(
             metrics.close()
             distributed.print0(f"{out}: already complete at step {start} (raise train.max_steps)")
             return final_row(out)
+
+        def save(done: int) -> None:
+            extra = {"guard": guard.state_dict()}
+            keep = cfg.train.keep_checkpoints
+            save_checkpoint(
+                out, done, policy, optimizer, run_config, dtype, keep, extra,
+                sharded=cfg.train.dist.sharded,
+            )  # fmt: skip
 
         bar = step_bar("dpo", cfg.train.max_steps, start, progress)
         last: dict[str, Any] = {}
@@ -217,6 +229,7 @@ def dpo(
                 dtype=dtype,
                 grad_clip=cfg.optim.grad_clip,
                 step=step + 1,
+                guard=guard,
                 forward=forward,
                 row_share=share.fraction(B),
             )
@@ -229,6 +242,7 @@ def dpo(
                     "loss": loss.item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
+                    **guard.counts(),
                     "elapsed_s": time.perf_counter() - t_start,
                 }
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -245,11 +259,7 @@ def dpo(
             if row:
                 metrics.log(row)
                 last.update(row)
-            if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
-                save_checkpoint(
-                    out, done, policy, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
-                    sharded=cfg.train.dist.sharded,
-                )  # fmt: skip
+            end_step(done, cfg.train, sigterm, metrics, save)
         bar.close()
         metrics.close()
     return last

@@ -39,8 +39,10 @@ from lmforge.training.align import (
 )
 from lmforge.training.checkpoint import load_state, save_checkpoint
 from lmforge.training.diagnostics import DiagnosticsConfig
+from lmforge.training.guard import check_stop_only
 from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.preempt import Preempted, on_sigterm
 from lmforge.training.rollout import REWARDS, Rollout, UpdateForward, response_logprobs
 from lmforge.training.rundir import final_row, run_dir
 
@@ -78,6 +80,7 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.policy), "policy", "give the SFT checkpoint (--policy DIR)")
+        check_stop_only(self.train, "GRPO")
         check(
             self.reward != "model" or bool(self.reward_model),
             "reward_model",
@@ -109,12 +112,12 @@ def grpo(
     policy, reference, tok, rm, data = s.policy, s.reference, s.tok, s.rm, s.data
     progress = progress and distributed.is_main()
     optimizer = build_optimizer(policy, cfg.optim)
-    forward = distributed.wrap(UpdateForward(policy), s.device)
+    forward = distributed.wrap(UpdateForward(policy), s.device, cfg.train.dist, s.dtype)
     run_config = policy_run_config("grpo", f"grpo-{cfg.reward}", cfg, s)
     T, G = cfg.train.max_steps, cfg.group_size
     P = cfg.train.batch_size // G
 
-    with run_dir(out, fresh=s.state is None, overwrite=overwrite):
+    with run_dir(out, fresh=s.state is None, overwrite=overwrite), on_sigterm() as sigterm:
         start = load_state(s.state, policy, optimizer)["step"] if s.state is not None else 0
         metrics, history = open_run(out, s, run_config, start, cfg.train.trackers)
         if progress:
@@ -184,10 +187,14 @@ def grpo(
             if due(done, cfg.train.log_every, T):
                 metrics.log(row)
                 last.update(row)
-            if due(done, cfg.train.ckpt_every, T):
+            preempted = sigterm.requested()
+            if preempted or due(done, cfg.train.ckpt_every, T):
                 save_checkpoint(
                     out, done, policy, optimizer, run_config, s.dtype, cfg.train.keep_checkpoints
                 )
+            if preempted:
+                metrics.close()
+                raise Preempted(done)
         bar.close()
         metrics.close()
     return last

@@ -22,6 +22,9 @@ from lmforge.distributed import ALL_ROWS, DistConfig
 from lmforge.errors import UserError
 from lmforge.objectives.lm import IGNORE_INDEX
 from lmforge.runtime import Batch, autocast, autocast_dtype, call, resolve_device, to_device
+from lmforge.training.guard import StepGuard
+from lmforge.training.metrics import MetricsWriter
+from lmforge.training.preempt import Preempted, StopFlag
 from lmforge.training.trackers import TRACKERS, unknown_tracker
 
 
@@ -42,7 +45,22 @@ class TrainConfig:
     eval_every: int = opt(200, "evaluate on held-out data every N steps (and at the end)")
     eval_blocks: int = opt(64, "held-out blocks per evaluation")
     ckpt_every: int = opt(200, "save resume state every N steps (and at the end)")
-    keep_checkpoints: int = opt(2, "resume states kept on disk (the newest ones)")
+    keep_checkpoints: int = opt(
+        2,
+        "resume states kept on disk (the newest ones; at least 2, so a damaged newest one "
+        "still leaves one to resume from)",
+    )
+    nonfinite: Literal["stop", "skip"] = opt(
+        "stop", "a NaN/inf loss or gradient norm: stop the run naming the step, or skip the update"
+    )
+    max_skips: int = opt(5, "stop the run once this many updates in a row were skipped")
+    spike: Literal["off", "warn", "skip"] = opt(
+        "warn",
+        "loss or grad-norm spikes over their running statistics: off, warn (in the log "
+        "and metrics) or skip (also drop the update)",
+    )
+    spike_z: float = opt(6.0, "spike: standard deviations above the running mean")
+    spike_warmup: int = opt(50, "spike: steps of statistics gathered before any flag")
     trackers: tuple[str, ...] = opt(
         (), "extra metric sinks besides metrics.jsonl: tensorboard, wandb"
     )
@@ -55,7 +73,10 @@ class TrainConfig:
         check(self.eval_blocks >= 1, "eval_blocks", "must be >= 1")
         check(self.block_size >= 0, "block_size", "must be >= 0")
         check(self.threads >= 0, "threads", "must be >= 0")
-        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        check(self.keep_checkpoints >= 2, "keep_checkpoints", "must be >= 2")
+        check(self.max_skips >= 1, "max_skips", "must be >= 1")
+        check(self.spike_z > 0, "spike_z", "must be > 0")
+        check(self.spike_warmup >= 1, "spike_warmup", "must be >= 1")
         for name in self.trackers:
             check(name in TRACKERS, "trackers", unknown_tracker(name))
         check(len(set(self.trackers)) == len(self.trackers), "trackers", "names a tracker twice")
@@ -103,6 +124,7 @@ def train_step(
     forward: Callable[..., torch.Tensor] | None = None,
     rows: slice = ALL_ROWS,
     row_share: float = 1.0,
+    guard: StepGuard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns (mean loss over the step's whole batch, grad norm).
 
@@ -112,8 +134,9 @@ def train_step(
     gradients are averaged over ranks at the last micro-step); `forward` is the (possibly
     compiled) callable for the forward pass. The loss and gradient equal one process's for any
     number of ranks; for that, `loss_fn` must be a mean over the targets that are not
-    IGNORE_INDEX (as `token_loss` is). The non-finite check runs before `optimizer.step`, so a
-    NaN never reaches the weights.
+    IGNORE_INDEX (as `token_loss` is). `guard` (guard.py) decides, before `optimizer.step`,
+    whether the update is applied (non-finite values, spikes); without one a non-finite loss
+    or grad norm stops the run. Either way a NaN never reaches the weights.
 
     Pairwise stages (reward, DPO) cannot cut rows from a collated micro-batch (it holds both
     sides of each pair, perhaps packed together), so they take this rank's pairs before
@@ -145,11 +168,33 @@ def train_step(
     loss_sum = distributed.mean(loss_sum)
     # an infinite bound measures the norm without clipping
     grad_norm = distributed.clip_grad_norm(model, grad_clip or float("inf"))
-    check_finite(loss_sum, step, "loss")
-    check_finite(grad_norm, step, "gradient norm")
-    optimizer.step()
+    if guard is not None:
+        apply = guard.admit(step, loss_sum, grad_norm)  # values alike on every rank
+    else:
+        check_finite(loss_sum, step, "loss")
+        check_finite(grad_norm, step, "gradient norm")
+        apply = True
+    if apply:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def end_step(
+    done: int,
+    cfg: TrainConfig,
+    sigterm: StopFlag,
+    metrics: MetricsWriter,
+    save: Callable[[int], object],
+) -> None:
+    """After step `done`: `save(done)` when a checkpoint is due or SIGTERM reached any rank;
+    after SIGTERM, close the metrics and raise `Preempted` (preempt.py)."""
+    preempted = sigterm.requested()
+    if preempted or due(done, cfg.ckpt_every, cfg.max_steps):
+        save(done)
+    if preempted:
+        metrics.close()
+        raise Preempted(done)
 
 
 def _take_rows(x: Batch, y: torch.Tensor, rows: slice) -> tuple[Batch, torch.Tensor, float]:

@@ -67,8 +67,10 @@ from lmforge.training.align import (
 )
 from lmforge.training.checkpoint import load_state, save_model_dir, save_state
 from lmforge.training.diagnostics import DiagnosticsConfig
+from lmforge.training.guard import check_stop_only
 from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.preempt import Preempted, on_sigterm
 from lmforge.training.rollout import REWARDS, Rollout, UpdateForward, response_logprobs
 from lmforge.training.rundir import final_row, run_dir
 
@@ -117,6 +119,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.policy), "policy", "give the SFT checkpoint (--policy DIR)")
+        check_stop_only(self.train, "PPO")
         check(
             self.reward != "model" or bool(self.reward_model),
             "reward_model",
@@ -154,11 +157,11 @@ def ppo(
     both = torch.nn.ModuleDict({"policy": policy, "critic": critic})
     # the critic's LM head (or all of it, for a reward-model trunk) gets no gradient
     model = UpdateForward(policy, critic)
-    forward = distributed.wrap(model, device, unused_params=True)
+    forward = distributed.wrap(model, device, cfg.train.dist, s.dtype, unused_params=True)
     run_config = policy_run_config("ppo", "ppo", cfg, s)
     B, T = cfg.train.batch_size, cfg.train.max_steps
 
-    with run_dir(out, fresh=s.state is None, overwrite=overwrite):
+    with run_dir(out, fresh=s.state is None, overwrite=overwrite), on_sigterm() as sigterm:
         start, beta = 0, cfg.kl_coef
         if s.state is not None:
             saved = load_state(s.state, both, optimizer)
@@ -246,7 +249,8 @@ def ppo(
             if due(done, cfg.train.log_every, T):
                 metrics.log(row)
                 last.update(row)
-            if due(done, cfg.train.ckpt_every, T) and distributed.is_main():
+            preempted = sigterm.requested()  # on every rank: it agrees across them
+            if (preempted or due(done, cfg.train.ckpt_every, T)) and distributed.is_main():
                 meta = {
                     "stage": "ppo",
                     "autocast": str(s.dtype).removeprefix("torch."),
@@ -254,6 +258,9 @@ def ppo(
                 }
                 save_state(out, done, both, optimizer, meta, keep=cfg.train.keep_checkpoints)
                 save_model_dir(out, policy, {**run_config, "step": done})
+            if preempted:
+                metrics.close()
+                raise Preempted(done)
         bar.close()
         metrics.close()
     return last

@@ -49,10 +49,12 @@ from lmforge.tokenizers import (
 )
 from lmforge.tokenizers.config import TokenizerConfig
 from lmforge.training.checkpoint import load_state, save_checkpoint
+from lmforge.training.guard import StepGuard
 from lmforge.training.loop import (
     Throughput,
     TrainConfig,
     due,
+    end_step,
     setup_device,
     step_bar,
     train_step,
@@ -62,6 +64,7 @@ from lmforge.training.metrics import (
     decoder_flops_per_token,
 )
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.preempt import on_sigterm
 from lmforge.training.rundir import (
     check_resume_config,
     check_run_dir,
@@ -240,11 +243,13 @@ def pretrain(
         "tokenizer_fingerprint": tokenizer.fingerprint,
     }
 
-    with run_dir(out, fresh=state is None, overwrite=overwrite):
+    guard = StepGuard(cfg.train)
+    with run_dir(out, fresh=state is None, overwrite=overwrite), on_sigterm() as sigterm:
         start = 0
         if state is not None:
             saved = load_state(state, model, optimizer)
             start = saved["step"]
+            guard.load_state_dict(saved.get("guard"))
             dtype = DTYPES[saved["autocast"]]  # the measured choice stays fixed for exact resume
         metrics = open_run_files(
             out, tokenizer, run_config, start, fresh=state is None, trackers=cfg.train.trackers
@@ -279,6 +284,14 @@ def pretrain(
             )
             return final_row(out)
 
+        def save(done: int) -> None:
+            extra = {"guard": guard.state_dict()}
+            keep = cfg.train.keep_checkpoints
+            save_checkpoint(
+                out, done, model, optimizer, run_config, dtype, keep, extra,
+                sharded=cfg.train.dist.sharded,
+            )  # fmt: skip
+
         bar = step_bar("pretrain", cfg.train.max_steps, start, progress)
         meter = Throughput()
         last: dict[str, Any] = {}
@@ -303,6 +316,7 @@ def pretrain(
                 step=step + 1,
                 forward=fwd,
                 rows=share.rows,
+                guard=guard,
             )
             meter.add(tokens_per_step // world)  # this rank's share
 
@@ -316,6 +330,7 @@ def pretrain(
                     "loss": loss.item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
+                    **guard.counts(),
                     "tokens_per_s": tps,
                     "tokens": done * tokens_per_step,
                     "mfu": tps * flops_per_token / (_peak_flops(device) * world),
@@ -346,11 +361,7 @@ def pretrain(
             if row:
                 metrics.log(row)
                 last.update(row)
-            if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
-                save_checkpoint(
-                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
-                    sharded=cfg.train.dist.sharded,
-                )  # fmt: skip
+            end_step(done, cfg.train, sigterm, metrics, save)
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()

@@ -41,16 +41,19 @@ from lmforge.runtime import DTYPES, autocast, call, seed_everything, to_device
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import render_chat
 from lmforge.training.checkpoint import load_model, load_state, save_checkpoint
+from lmforge.training.guard import StepGuard
 from lmforge.training.loop import (
     Throughput,
     TrainConfig,
     due,
+    end_step,
     epoch_order,
     setup_device,
     step_bar,
     train_step,
 )
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.preempt import on_sigterm
 from lmforge.training.rundir import (
     check_resume_config,
     check_run_dir,
@@ -270,11 +273,13 @@ def reward(
     }
     loss_fn = pair_loss(cfg.margin)
 
-    with run_dir(out, fresh=state is None, overwrite=overwrite):
+    guard = StepGuard(cfg.train)
+    with run_dir(out, fresh=state is None, overwrite=overwrite), on_sigterm() as sigterm:
         start = 0
         if state is not None:
             saved = load_state(state, model, optimizer)
             start, dtype = saved["step"], DTYPES[saved["autocast"]]
+            guard.load_state_dict(saved.get("guard"))
         metrics = open_run_files(
             out, tok, run_config, start, fresh=state is None, trackers=cfg.train.trackers
         )
@@ -287,6 +292,15 @@ def reward(
         if start >= cfg.train.max_steps:
             metrics.close()
             return final_row(out)
+
+        def save(done: int) -> None:
+            extra = {"guard": guard.state_dict()}
+            keep = cfg.train.keep_checkpoints
+            save_checkpoint(
+                out, done, model, optimizer, run_config, dtype, keep, extra,
+                sharded=cfg.train.dist.sharded,
+            )  # fmt: skip
+
         bar = step_bar("reward", cfg.train.max_steps, start, progress)
         last: dict[str, Any] = {}
         meter = Throughput()
@@ -309,6 +323,7 @@ def reward(
                 dtype=dtype,
                 grad_clip=cfg.optim.grad_clip,
                 step=step + 1,
+                guard=guard,
                 row_share=share.fraction(B),
             )
             meter.add(sum(len(labels) for _, labels in micro))  # pairs
@@ -322,6 +337,7 @@ def reward(
                     "loss": loss.item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
+                    **guard.counts(),
                     "pairs_per_s": pairs_per_s,
                 }
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -339,11 +355,7 @@ def reward(
             if row:
                 metrics.log(row)
                 last.update(row)
-            if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
-                save_checkpoint(
-                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
-                    sharded=cfg.train.dist.sharded,
-                )  # fmt: skip
+            end_step(done, cfg.train, sigterm, metrics, save)
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()

@@ -1,7 +1,7 @@
 """The run directory contract: never clobber a user's run, never leave half a run behind.
 
 - A fresh run refuses an existing non-empty folder unless `overwrite` is set; `--resume`
-  requires a folder with a complete checkpoint.
+  requires a folder with a valid checkpoint (complete, and matching its manifest).
 - The folder is created only after all input has been validated (the caller's job), and if a
   fresh run fails before its first checkpoint, what it wrote is removed again.
 - Under torchrun, rank 0 alone creates, cleans up and writes the folder, and every rank leaves
@@ -28,7 +28,7 @@ from lmforge.config import load
 from lmforge.errors import UserError
 from lmforge.io import atomic_write_json
 from lmforge.tokenizers import Tokenizer
-from lmforge.training.checkpoint import latest_state
+from lmforge.training.checkpoint import latest_state, list_states
 from lmforge.training.metrics import MetricsWriter, open_metrics, read_metrics
 
 T = TypeVar("T")
@@ -106,7 +106,7 @@ def run_dir(out: Path, *, fresh: bool, overwrite: bool) -> Iterator[Path]:
     try:
         yield out
     except BaseException:
-        if main and fresh and latest_state(out) is None:
+        if main and fresh and not list_states(out):
             # check_run_dir let a fresh run in only if `out` was missing or empty, so
             # everything in it now is this run's and goes.
             if created:
@@ -129,6 +129,12 @@ RESUMABLE = (
     "train.trackers",  # they only mirror metrics.jsonl
     "train.dist.timeout_s",
     "train.dist.activation_checkpointing",  # the same arithmetic, recomputed
+    # what a fault does (guard.py): a run stopped by a NaN may go on skipping such steps
+    "train.nonfinite",
+    "train.max_skips",
+    "train.spike",
+    "train.spike_z",
+    "train.spike_warmup",
 )
 
 

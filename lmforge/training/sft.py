@@ -45,15 +45,18 @@ from lmforge.runtime import DTYPES, autocast, call, seed_everything, to_device
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import Turn, jinja_template
 from lmforge.training.checkpoint import load_model, load_state, save_checkpoint
+from lmforge.training.guard import StepGuard
 from lmforge.training.loop import (
     Throughput,
     TrainConfig,
     due,
+    end_step,
     setup_device,
     step_bar,
     train_step,
 )
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from lmforge.training.preempt import on_sigterm
 from lmforge.training.rundir import (
     check_resume_config,
     check_run_dir,
@@ -211,11 +214,13 @@ def sft(
         "tokenizer_fingerprint": tok.fingerprint,
     }
 
-    with run_dir(out, fresh=state is None, overwrite=overwrite):
+    guard = StepGuard(cfg.train)
+    with run_dir(out, fresh=state is None, overwrite=overwrite), on_sigterm() as sigterm:
         start = 0
         if state is not None:
             saved = load_state(state, model, optimizer)
             start = saved["step"]
+            guard.load_state_dict(saved.get("guard"))
             dtype = DTYPES[saved["autocast"]]
         metrics = open_run_files(
             out, tok, run_config, start, fresh=state is None, trackers=cfg.train.trackers
@@ -248,6 +253,14 @@ def sft(
             )
             return final_row(out)
 
+        def save(done: int) -> None:
+            extra = {"guard": guard.state_dict()}
+            keep = cfg.train.keep_checkpoints
+            save_checkpoint(
+                out, done, model, optimizer, run_config, dtype, keep, extra,
+                sharded=cfg.train.dist.sharded,
+            )  # fmt: skip
+
         bar = step_bar("sft", cfg.train.max_steps, start, progress)
         meter = Throughput()
         last: dict[str, Any] = {}
@@ -276,6 +289,7 @@ def sft(
                 step=step + 1,
                 forward=fwd,
                 rows=share.rows,
+                guard=guard,
             )
             meter.add(real)
 
@@ -289,6 +303,7 @@ def sft(
                     "loss": loss.item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
+                    **guard.counts(),
                     "tokens_per_s": tps,
                     "padding": 1 - real_all / width_all,
                     "epoch": sampler.epoch_of(first + rows_per_step),
@@ -312,11 +327,7 @@ def sft(
             if row:
                 metrics.log(row)
                 last.update(row)
-            if due(done, cfg.train.ckpt_every, cfg.train.max_steps):
-                save_checkpoint(
-                    out, done, model, optimizer, run_config, dtype, cfg.train.keep_checkpoints,
-                    sharded=cfg.train.dist.sharded,
-                )  # fmt: skip
+            end_step(done, cfg.train, sigterm, metrics, save)
             meter.exclude(time.perf_counter() - t_pause)
         bar.close()
         metrics.close()
