@@ -302,14 +302,15 @@ def test_two_processes_train_a_reward_model_like_one(
     assert_reward_like_one(fine_tuned, pairs, tmp_path, strategy)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", SLOW_FSDP])
 def test_two_processes_train_a_reward_model_on_a_trunk_with_an_untied_lm_head(
-    pairs: tuple[Path, Path], tmp_path: Path
+    pairs: tuple[Path, Path], tmp_path: Path, strategy: str
 ) -> None:
     # the reward head reads hidden states, so that LM head gets no gradient: DDP must not wait
     # for one (it would fail the second step)
     args = [*PRETRAIN, "model.tie_embeddings=false", "train.max_steps=2"]
     pretrain(C.load(PretrainConfig, None, args), tmp_path / "base", progress=False)
-    assert_reward_like_one(tmp_path / "base", pairs, tmp_path)
+    assert_reward_like_one(tmp_path / "base", pairs, tmp_path, strategy)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", SLOW_FSDP])
