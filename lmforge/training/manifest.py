@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lmforge.errors import UserError
-from lmforge.io import atomic_write_json
+from lmforge.io import atomic_write_json, pickle_note
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -57,7 +57,7 @@ def verify_manifest(folder: Path) -> None:
     for name, size, _ in entries:
         f = folder / name
         if not f.is_file():
-            raise CorruptCheckpoint(f"{f}: missing (listed in {MANIFEST})")
+            raise CorruptCheckpoint(f"{f}: missing (listed in {MANIFEST}){pickle_note(f.parent)}")
         if f.stat().st_size != size:
             raise CorruptCheckpoint(
                 f"{f}: corrupted ({f.stat().st_size} bytes; {MANIFEST} says {size})"

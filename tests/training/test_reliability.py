@@ -127,7 +127,7 @@ def tiny_state(run_dir: Path, step: int, keep: int = 2) -> torch.nn.Module:
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
-    ckpt.save_state(run_dir, step, model, opt, {}, keep=keep)
+    ckpt.save_state(run_dir, step, model, opt, {"autocast": "float32"}, keep=keep)
     return model
 
 

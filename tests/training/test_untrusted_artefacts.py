@@ -20,7 +20,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmforge.cli import main
 from lmforge.training.checkpoint import load_model, load_reward_model, load_state
+from lmforge.training.manifest import MANIFEST, write_manifest
 from lmforge.training.optim import OptimConfig, build_optimizer
 from tests.conftest import fails
 from tests.data.test_reader_fuzz import DELETE, _mutate, data_or_user_error, json_values
@@ -72,9 +74,12 @@ def test_crafted_pickles_are_refused_everywhere(
     (folder / "model.safetensors").unlink()
     plant(folder / "pytorch_model.bin", sentinel, kind)
     refused("generate", "--model", str(folder), "--prompt", "a", expect="never loaded")
+    # the manifest check names the file before anything parses it
     plant(folder / "model.safetensors", sentinel, kind)
-    refused("generate", "--model", str(folder), "--prompt", "a", expect="cannot load weights")
-    refused("sft", "--model", str(folder), "--out", str(tmp_path / "sft"), expect="weights")
+    refused("generate", "--model", str(folder), "--prompt", "a", expect="model.safetensors")
+    refused(
+        "sft", "--model", str(folder), "--out", str(tmp_path / "sft"), expect="model.safetensors"
+    )
     assert not (tmp_path / "sft").exists()
 
     # Resume state: the optimizer file and the model weights of the newest checkpoint.
@@ -82,21 +87,29 @@ def test_crafted_pickles_are_refused_everywhere(
         run = copy(f"run-{name}")
         (step,) = (run / "state").iterdir()
         plant(step / name, sentinel, kind)
-        refused("pretrain", "--out", str(run), "--resume", expect=str(step))
+        # the manifest check passes over the damaged checkpoint with a warning naming the file,
+        # then refuses in one error line: there is no valid one left
+        with pytest.raises(SystemExit) as e:
+            main(["pretrain", "--out", str(run), "--resume"])
+        assert e.value.code == 2
+        warning, error = capsys.readouterr().err.strip().splitlines()
+        assert warning.startswith(f"warning: {step / name}") and error.startswith("error: ")
+        assert "no valid checkpoint" in error and not sentinel.exists()
 
     # A reward model (what ppo, grpo, best-of-n and `reward score` load).
     rm = copy("rm")
     config = json.loads((rm / "config.json").read_text())
     (rm / "config.json").write_text(json.dumps({**config, "head": "reward"}))
+    write_manifest(rm, json.loads((rm / MANIFEST).read_text())["files"])  # a valid folder again
     plant(rm / "model.safetensors", sentinel, kind)
     score = ("reward", "score", "--model", str(rm), "--prompt", "a", "--response", "b")
-    refused(*score, expect="cannot load weights")
+    refused(*score, expect="model.safetensors")
 
     # A tokenizer, alone or inside a model folder.
     tok = copy("tok") / "tokenizer"
     plant(tok / "tokenizer.json", sentinel, kind)
     refused("tokenizer", "encode", "--tokenizer", str(tok), "a", expect="invalid JSON")
-    refused("generate", "--model", str(tok.parent), "--prompt", "a", expect="invalid JSON")
+    refused("generate", "--model", str(tok.parent), "--prompt", "a", expect="tokenizer.json")
 
 
 # ---- mangled JSON beside the weights: the same one-line refusal, never a crash
