@@ -193,9 +193,9 @@ def test_multi_process_launch_needs_torchrun_and_a_stage_that_shares_its_work(
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     assert "start multi-process runs with torchrun" in pretrain_fails(capsys, tmp_path / "r")
-    err = fails(capsys, "ppo", "--out", str(tmp_path / "ppo"))
-    assert "WORLD_SIZE=2" in err and "pretrain, sft, reward or dpo" in err
-    assert not (tmp_path / "ppo").exists()
+    err = fails(capsys, "best-of-n", "--out", str(tmp_path / "bon"))
+    assert "WORLD_SIZE=2" in err and "pretrain, sft, reward, dpo, ppo or grpo" in err
+    assert not (tmp_path / "bon").exists()
     err = fails(capsys, "reward", "score", "--model", str(tmp_path / "rm"), "--data", "x.jsonl")
     assert "`lmforge reward score` runs in one process" in err
 
