@@ -145,7 +145,13 @@ def evaluate_tasks(
         prompts = [p[-room:] for p in full]
         if isinstance(model, EncoderDecoder):
             new = generate_seq2seq(
-                model, prompts, sampling, start_id=tok.bos_id, eos_id=stop_id, pad_id=tok.pad_id
+                model,
+                prompts,
+                sampling,
+                start_id=tok.bos_id,
+                eos_id=stop_id,
+                pad_id=tok.pad_id,
+                vocab_size=tok.vocab_size,
             )
         else:
             new = generate(model, prompts, sampling, eos_id=stop_id, pad_id=tok.pad_id)

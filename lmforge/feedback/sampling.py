@@ -154,7 +154,13 @@ def sample_responses(
         if seq2seq:
             assert isinstance(model, EncoderDecoder)
             new = generate_seq2seq(
-                model, batch, sampling, start_id=tok.bos_id, eos_id=eot, pad_id=tok.pad_id
+                model,
+                batch,
+                sampling,
+                start_id=tok.bos_id,
+                eos_id=eot,
+                pad_id=tok.pad_id,
+                vocab_size=tok.vocab_size,
             )
         else:
             assert isinstance(model, Decoder)

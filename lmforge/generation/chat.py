@@ -82,6 +82,7 @@ class ChatSession:
                 start_id=self.tok.bos_id,
                 eos_id=eot,
                 on_step=stream,
+                vocab_size=self.tok.vocab_size,
             )[0]
         else:
             ids = generate(self.model, [prompt], self.sampling, eos_id=eot, on_step=stream)[0]

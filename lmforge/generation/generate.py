@@ -113,11 +113,14 @@ def generate_seq2seq(
     eos_id: int | None,
     pad_id: int = 0,
     on_step: Callable[[torch.Tensor], None] | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Output ids for each input of an encoder-decoder, stopping after eos (not returned).
 
     Inputs are right-padded and their padding hidden from cross-attention; the encoder runs
-    once, and each layer's cross-attention keys/values are computed once per input.
+    once, and each layer's cross-attention keys/values are computed once per input. With
+    `vocab_size`, ids from it up are never drawn: span corruption's sentinels sit past the
+    tokenizer's vocabulary, and text meant to be decoded must not contain them.
     """
     if not sources or any(len(s) == 0 for s in sources):
         raise UserError("generate: every input needs at least one token")
@@ -148,6 +151,8 @@ def generate_seq2seq(
     for n in range(cfg.max_new_tokens):
         x = tgt if cache is None or n == 0 else tgt[:, -1:]
         logits = model.decode(x, memory_kv, memory_mask=src_mask, cache=cache)[:, -1]
+        if vocab_size is not None:
+            logits[:, vocab_size:] = float("-inf")
         nxt = _next_tokens(logits, cfg, gen, done, pad_id, eos_id)
         out[:, n] = nxt
         if on_step is not None:

@@ -56,3 +56,20 @@ def test_padded_batch_equals_one_by_one(model: EncoderDecoder) -> None:
     batched = generate_seq2seq(model, sources, cfg, start_id=1, eos_id=None)
     single = [generate_seq2seq(model, [s], cfg, start_id=1, eos_id=None)[0] for s in sources]
     assert batched == single
+
+
+def test_vocab_size_keeps_sentinel_ids_out_of_decoded_text() -> None:
+    """Span corruption's sentinels sit past the tokenizer's vocabulary; text for a reader
+    (chat, eval, sampling) is drawn below `vocab_size` even when a sentinel is the likeliest."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=40, n_layer=1, n_head=2, n_embd=16, max_seq_len=32)
+    model = EncoderDecoder(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[36:] *= 0
+        model.lm_head.weight[36:, 0] = 1e4  # make ids 36..39 dominate wherever feature 0 > 0
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
+    sources = [[5, 6, 7], [8, 9]]
+    free = generate_seq2seq(model, sources, sampling, start_id=1, eos_id=None)
+    capped = generate_seq2seq(model, sources, sampling, start_id=1, eos_id=None, vocab_size=36)
+    assert any(i >= 36 for row in free for i in row)  # the unmasked model does draw them
+    assert all(0 <= i < 36 for row in capped for i in row)
