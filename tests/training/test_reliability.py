@@ -474,7 +474,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow  # two processes that each import torch: ~15-40 s on a busy 2-core machine
 def test_every_rank_skips_a_nan_that_only_one_rank_saw(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
