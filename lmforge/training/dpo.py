@@ -35,9 +35,17 @@ from lmforge.runtime import DTYPES, autocast, to_device
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import render_chat
 from lmforge.training.align import eval_policy, open_run, policy_run_config, start_rl
-from lmforge.training.checkpoint import load_state, save_checkpoint
+from lmforge.training.checkpoint import load_state
 from lmforge.training.guard import StepGuard
-from lmforge.training.loop import TrainConfig, due, end_step, epoch_order, step_bar, train_step
+from lmforge.training.loop import (
+    TrainConfig,
+    due,
+    end_step,
+    epoch_order,
+    saver,
+    step_bar,
+    train_step,
+)
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.preempt import on_sigterm
 from lmforge.training.rundir import final_row, run_dir
@@ -197,13 +205,7 @@ def dpo(
             distributed.print0(f"{out}: already complete at step {start} (raise train.max_steps)")
             return final_row(out)
 
-        def save(done: int) -> None:
-            extra = {"guard": guard.state_dict()}
-            keep = cfg.train.keep_checkpoints
-            save_checkpoint(
-                out, done, policy, optimizer, run_config, dtype, keep, extra,
-                sharded=cfg.train.dist.sharded,
-            )  # fmt: skip
+        save = saver(out, policy, optimizer, run_config, dtype, cfg.train, guard)
 
         bar = step_bar("dpo", cfg.train.max_steps, start, progress)
         last: dict[str, Any] = {}

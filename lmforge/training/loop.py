@@ -10,7 +10,8 @@ import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from lmforge.distributed import ALL_ROWS, DistConfig
 from lmforge.errors import UserError
 from lmforge.objectives.lm import IGNORE_INDEX
 from lmforge.runtime import Batch, autocast, autocast_dtype, call, resolve_device, to_device
+from lmforge.training.checkpoint import save_checkpoint
 from lmforge.training.guard import StepGuard
 from lmforge.training.metrics import MetricsWriter
 from lmforge.training.preempt import Preempted, StopFlag
@@ -195,6 +197,27 @@ def end_step(
     if preempted:
         metrics.close()
         raise Preempted(done)
+
+
+def saver(
+    out: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_config: dict[str, Any],
+    dtype: torch.dtype,
+    cfg: TrainConfig,
+    guard: StepGuard,
+) -> Callable[[int], None]:
+    """The `save` that `end_step` calls for a stage stepping through `train_step`: its
+    checkpoint at step `done`, with the guard's state so a resumed run decides alike."""
+
+    def save(done: int) -> None:
+        save_checkpoint(
+            out, done, model, optimizer, run_config, dtype, cfg.keep_checkpoints,
+            {"guard": guard.state_dict()}, sharded=cfg.dist.sharded,
+        )  # fmt: skip
+
+    return save
 
 
 def _take_rows(x: Batch, y: torch.Tensor, rows: slice) -> tuple[Batch, torch.Tensor, float]:

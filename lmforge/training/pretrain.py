@@ -48,13 +48,14 @@ from lmforge.tokenizers import (
     train_tokenizer,
 )
 from lmforge.tokenizers.config import TokenizerConfig
-from lmforge.training.checkpoint import load_state, save_checkpoint
+from lmforge.training.checkpoint import load_state
 from lmforge.training.guard import StepGuard
 from lmforge.training.loop import (
     Throughput,
     TrainConfig,
     due,
     end_step,
+    saver,
     setup_device,
     step_bar,
     train_step,
@@ -284,13 +285,7 @@ def pretrain(
             )
             return final_row(out)
 
-        def save(done: int) -> None:
-            extra = {"guard": guard.state_dict()}
-            keep = cfg.train.keep_checkpoints
-            save_checkpoint(
-                out, done, model, optimizer, run_config, dtype, keep, extra,
-                sharded=cfg.train.dist.sharded,
-            )  # fmt: skip
+        save = saver(out, model, optimizer, run_config, dtype, cfg.train, guard)
 
         bar = step_bar("pretrain", cfg.train.max_steps, start, progress)
         meter = Throughput()

@@ -40,7 +40,7 @@ from lmforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
 from lmforge.runtime import DTYPES, autocast, call, seed_everything, to_device
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import render_chat
-from lmforge.training.checkpoint import load_model, load_state, save_checkpoint
+from lmforge.training.checkpoint import load_model, load_state
 from lmforge.training.guard import StepGuard
 from lmforge.training.loop import (
     Throughput,
@@ -48,6 +48,7 @@ from lmforge.training.loop import (
     due,
     end_step,
     epoch_order,
+    saver,
     setup_device,
     step_bar,
     train_step,
@@ -293,13 +294,7 @@ def reward(
             metrics.close()
             return final_row(out)
 
-        def save(done: int) -> None:
-            extra = {"guard": guard.state_dict()}
-            keep = cfg.train.keep_checkpoints
-            save_checkpoint(
-                out, done, model, optimizer, run_config, dtype, keep, extra,
-                sharded=cfg.train.dist.sharded,
-            )  # fmt: skip
+        save = saver(out, model, optimizer, run_config, dtype, cfg.train, guard)
 
         bar = step_bar("reward", cfg.train.max_steps, start, progress)
         last: dict[str, Any] = {}

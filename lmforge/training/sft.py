@@ -44,13 +44,14 @@ from lmforge.objectives.lm import IGNORE_INDEX, token_loss
 from lmforge.runtime import DTYPES, autocast, call, seed_everything, to_device
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import Turn, jinja_template
-from lmforge.training.checkpoint import load_model, load_state, save_checkpoint
+from lmforge.training.checkpoint import load_model, load_state
 from lmforge.training.guard import StepGuard
 from lmforge.training.loop import (
     Throughput,
     TrainConfig,
     due,
     end_step,
+    saver,
     setup_device,
     step_bar,
     train_step,
@@ -253,13 +254,7 @@ def sft(
             )
             return final_row(out)
 
-        def save(done: int) -> None:
-            extra = {"guard": guard.state_dict()}
-            keep = cfg.train.keep_checkpoints
-            save_checkpoint(
-                out, done, model, optimizer, run_config, dtype, keep, extra,
-                sharded=cfg.train.dist.sharded,
-            )  # fmt: skip
+        save = saver(out, model, optimizer, run_config, dtype, cfg.train, guard)
 
         bar = step_bar("sft", cfg.train.max_steps, start, progress)
         meter = Throughput()

@@ -93,15 +93,15 @@ def test_muon_learns_and_resumes_exactly(tmp_path: Path) -> None:
     run(ref, *muon)
     part = tmp_path / "part"
     with pytest.MonkeyPatch.context() as mp:  # stop right after the first checkpoint
-        import lmforge.training.pretrain as P
+        import lmforge.training.loop as L
 
-        real = P.save_checkpoint
+        real = L.save_checkpoint
 
         def save_then_stop(*a: object, **k: object) -> None:
             real(*a, **k)  # type: ignore[arg-type]
             raise KeyboardInterrupt
 
-        mp.setattr(P, "save_checkpoint", save_then_stop)
+        mp.setattr(L, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             run(part, *muon)
     assert max(losses(part)) == 6
