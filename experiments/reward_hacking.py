@@ -12,8 +12,8 @@ writes into RUNS/hacking/:
 
 The annotators prefer longer answers (length_bias: extra log-odds per 10 characters), so the
 reward model learns "longer is better" beside correctness and style; with beta = 0 nothing
-holds the policy near the SFT model, and it learns to pad its answers: the reward-model score
-rises while the gold reward (which wants concise answers) falls. Writes
+holds the policy near the SFT model, and it exploits the reward model's errors (padding its
+answers, or others): the reward-model score rises while the gold reward falls. Writes
 `experiments/results/reward_hacking.json` with the per-iteration series and the warnings the
 PPO diagnostics printed.
 """
