@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,9 @@ def test_wandb_offline_run_and_a_resume_after_a_kill(tmp_path: Path) -> None:
         for f in state.iterdir():
             f.unlink()
         state.rmdir()
+    # W&B names a run's folder by its start second and id: a resumption within the same
+    # second would share the first run's folder, and this test could not tell them apart
+    time.sleep(1.1)
     pretrain(resume_config(out), out, resume=True, progress=False)
     assert_same(scalar(board(out), "loss"), metric(out, "loss"))
     assert [s for s, _ in metric(out, "loss")] == list(range(1, 7))
