@@ -423,11 +423,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar tensor over ranks (gloo has no AVG, so SUM then divide)."""
-    if not dist.is_initialized():
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out)
-    return out / dist.get_world_size()
+    return total(value) / world_size()
 
 
 def total(value: torch.Tensor) -> torch.Tensor:
