@@ -65,6 +65,37 @@ def last(path: Path) -> dict:
     return out
 
 
+KINDS = {1.75: "answer", 0.75: "wrong", 1.5: "rambling|impolite"}  # gold rewards of the four
+
+
+def by_kind(rm_dir: Path, prefs_path: Path) -> dict[str, dict[str, float]]:
+    """Per kind of pair (e.g. answer>wrong): how often the reward model orders it as the gold
+    reward does, and as the annotator's label does."""
+    import torch
+
+    from lmforge.data.preference import read_preferences
+    from lmforge.training.checkpoint import load_reward_model
+    from lmforge.training.reward import render_pairs, score_pairs
+
+    model, tok, _ = load_reward_model(rm_dir)
+    pairs = render_pairs(tok, read_preferences(str(prefs_path)), model.cfg.max_seq_len)
+    rc, rr = score_pairs(model, pairs, torch.device("cpu"), torch.float32)  # type: ignore[arg-type]
+    counts: dict[str, list[float]] = {}
+    for i, gold in enumerate(pairs.gold):
+        assert gold is not None
+        hi, lo = max(gold), min(gold)
+        key = f"{KINDS.get(hi, hi)}>{KINDS.get(lo, lo)}"
+        margin = float(rc[i] - rr[i]) * (1 if gold[0] >= gold[1] else -1)
+        c = counts.setdefault(key, [0, 0, 0])
+        c[0] += 1
+        c[1] += margin > 0
+        c[2] += float(rc[i] > rr[i])
+    return {
+        k: {"pairs": n, "gold_order": g / n, "label_order": lab / n}
+        for k, (n, g, lab) in counts.items()
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sft", required=True, help="the SFT model folder (the trunk)")
@@ -100,10 +131,13 @@ def main() -> None:
         "gap_to_ceiling": counts["val"]["ceiling"] - rm.get("val_acc", float("nan")),
         "val_gold_agreement": rm.get("val_gold_agreement"),
         "test_correct_over_wrong": rm.get("test_correct_over_wrong"),
+        "by_kind": by_kind(out / "rm", out / "val_prefs.jsonl"),
         "final_metrics": rm,
     }
     (out / "rm_world.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "final_metrics"}, indent=2))
+    for kind, c in result["by_kind"].items():
+        print(f"{kind:40s} {c['pairs']:5d} pairs: gold order {c['gold_order']:.3f}")
 
 
 if __name__ == "__main__":
