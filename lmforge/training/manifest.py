@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,10 +43,29 @@ def write_manifest(folder: Path, names: Iterable[str]) -> None:
     atomic_write_json(folder / MANIFEST, {"format_version": 1, "files": files})
 
 
+# Folders this process already verified, with the (size, mtime, inode) of each file then: a
+# resume looks for the newest valid checkpoint, then loads it (and a torchrun restart looked
+# first), and hashing a large checkpoint two or three times would cost minutes. Any rewrite
+# or replacement of a file changes its stat and brings the full check back; a folder with a
+# file modified in the last few seconds is not remembered, since file times are coarser than
+# the time between two writes.
+_verified: dict[Path, tuple[tuple[str, int, int, int], ...]] = {}
+_SETTLED_NS = 5_000_000_000
+
+
+def _stats(folder: Path, names: list[str]) -> tuple[tuple[str, int, int, int], ...]:
+    out = []
+    for name in [MANIFEST, *names]:
+        st = (folder / name).stat()
+        out.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
 def verify_manifest(folder: Path) -> None:
     """Raise `CorruptCheckpoint` naming the first file that is missing, has another size or
     another digest than `folder/manifest.json` records. Sizes are checked before any hashing,
-    so a truncated file is found without reading the others."""
+    so a truncated file is found without reading the others. A folder this process verified
+    before, none of whose files changed since, is not hashed again."""
     path = folder / MANIFEST
     try:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
@@ -62,8 +82,14 @@ def verify_manifest(folder: Path) -> None:
             raise CorruptCheckpoint(
                 f"{f}: corrupted ({f.stat().st_size} bytes; {MANIFEST} says {size})"
             )
+    key = folder.resolve()
+    stats = _stats(folder, [name for name, _, _ in entries])
+    if _verified.get(key) == stats:
+        return
     for name, _, digest in entries:
         if sha256_file(folder / name) != digest:
             raise CorruptCheckpoint(
                 f"{folder / name}: corrupted (its SHA-256 differs from the one in {MANIFEST})"
             )
+    if time.time_ns() - max(mtime for _, _, mtime, _ in stats) > _SETTLED_NS:
+        _verified[key] = stats

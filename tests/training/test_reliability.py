@@ -152,6 +152,32 @@ def test_load_names_a_truncated_or_bit_flipped_file(
         ckpt.load_state(state, model, opt)
 
 
+def test_a_verified_checkpoint_is_hashed_once_until_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmforge.training.manifest as manifest
+
+    tiny_state(tmp_path, 1)
+    state = tmp_path / "state" / "step_00000001"
+    old = state.stat().st_mtime - 60  # settled files: written a minute ago
+    for f in state.iterdir():
+        os.utime(f, (old, old))
+    hashed: list[str] = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert ckpt.latest_state(tmp_path) == state
+    n = len(hashed)
+    assert n > 0
+    ckpt.load_state(
+        state, torch.nn.Linear(8, 4), torch.optim.AdamW(torch.nn.Linear(8, 4).parameters())
+    )
+    assert len(hashed) == n  # the resume's second look hashed nothing
+    flip_byte(state / "model.safetensors")  # a change: its stat moves, the check runs again
+    with pytest.raises(CorruptCheckpoint, match="its SHA-256 differs"):
+        manifest.verify_manifest(state)
+    assert len(hashed) > n
+
+
 def test_resume_falls_back_past_a_damaged_checkpoint_and_never_starts_afresh(
     ref: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
