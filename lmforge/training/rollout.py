@@ -26,7 +26,7 @@ from lmforge.feedback.sampling import Prompt, prompt_ids
 from lmforge.feedback.simulated import gold_score
 from lmforge.generation.generate import SamplingConfig, generate
 from lmforge.models.decoder import Decoder
-from lmforge.models.reward import RewardModel
+from lmforge.models.reward import RewardModel, ValueHead
 from lmforge.objectives.lm import token_logprobs
 from lmforge.objectives.rl import entropy
 from lmforge.tokenizers import Tokenizer
@@ -138,21 +138,38 @@ def response_logprobs(
     model: Decoder, ro: Rollout, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(response token) (B, R) under `model` at the sampling temperature, and the entropy
-    at each position. The LM head runs only where a response token is predicted (prompt
-    positions would be most of its work)."""
-    logits = model.lm_head(ro.gather(model.hidden_states(ro.ids)))  # (B, R, V)
+    at each position."""
+    logp, ent, _ = response_outputs(model, ro, temperature, with_entropy)
+    return logp, ent
+
+
+def response_outputs(
+    model: Decoder,
+    ro: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    value_head: ValueHead | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`response_logprobs` and, given a value head on `model`'s trunk, the values (B, R) at the
+    positions that predict each response token: one trunk pass gives both. The heads run only
+    where a response token is predicted (prompt positions would be most of their work)."""
+    h = ro.gather(model.hidden_states(ro.ids))  # (B, R, D)
+    logits = model.lm_head(h)  # (B, R, V)
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
     logp = token_logprobs(logits, ro.response) * ro.mask
-    return logp, (entropy(logits) * ro.mask if with_entropy else None)
+    ent = entropy(logits) * ro.mask if with_entropy else None
+    values = None if value_head is None else value_head(h)
+    return logp, ent, values
 
 
 class UpdateForward(torch.nn.Module):
-    """The policy (and PPO's critic) behind one `forward` that gives what a minibatch update
-    needs: DDP averages the gradients of the modules it wraps only when their forward runs
-    through it, so under torchrun `distributed.wrap` wraps this."""
+    """The policy (and PPO's critic: a network of its own, or a value head on the policy's
+    trunk) behind one `forward` that gives what a minibatch update needs: DDP averages the
+    gradients of the modules it wraps only when their forward runs through it, so under
+    torchrun `distributed.wrap` wraps this."""
 
-    def __init__(self, policy: Decoder, critic: RewardModel | None = None):
+    def __init__(self, policy: Decoder, critic: RewardModel | ValueHead | None = None):
         super().__init__()
         self.policy, self.critic = policy, critic
 
@@ -160,9 +177,11 @@ class UpdateForward(torch.nn.Module):
         self, ro: Rollout, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(log-probs (B, R), entropies (B, R), the critic's values (B, R) or None)."""
-        logp, ent = response_logprobs(self.policy, ro, temperature, with_entropy=True)
+        head = self.critic if isinstance(self.critic, ValueHead) else None
+        logp, ent, values = response_outputs(self.policy, ro, temperature, True, head)
         assert ent is not None
-        values = None if self.critic is None else ro.gather(self.critic.values(ro.ids))
+        if isinstance(self.critic, RewardModel):
+            values = ro.gather(self.critic.values(ro.ids))
         return logp, ent, values
 
 
