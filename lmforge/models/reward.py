@@ -52,10 +52,17 @@ class RewardModel(nn.Module):
         h = self.trunk.hidden_states(idx, positions=positions, mask=mask)  # (B, T, D)
         return self.head(h.reshape(B * T, -1)[last]).squeeze(-1).float()
 
-    def values(self, idx: torch.Tensor) -> torch.Tensor:
-        """The head at every position of right-padded rows idx (B, T) -> (B, T): PPO's critic,
-        which estimates at each token the reward still to come."""
-        return self.head(self.trunk.hidden_states(idx)).squeeze(-1).float()
+    def values(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The head at every position of idx (B, T) -> (B, T): PPO's critic, which estimates at
+        each token the reward still to come. Right-padded rows, or packed ones with their
+        `positions` and block-diagonal causal `mask`."""
+        h = self.trunk.hidden_states(idx, positions=positions, mask=mask)  # (B, T, D)
+        return self.head(h).squeeze(-1).float()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

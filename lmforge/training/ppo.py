@@ -15,7 +15,8 @@ read top to bottom in `ppo`:
    last one; the critic's values (with a shared critic, from the same pass as the policy's
    log-probs); GAE advantages (whitened) and returns;
 4. update: several epochs of shuffled minibatches of the clipped surrogate and the clipped
-   value loss; the policy and critic sit in one AdamW (each with its own learning rate);
+   value loss, on each minibatch's rows packed; the policy and critic sit in one AdamW (each
+   with its own learning rate);
 5. log the diagnostics, warn about pathologies, evaluate on held-out prompts, checkpoint.
 
 Everything random in an iteration is seeded by (seed, iteration), so a killed run resumes
@@ -79,6 +80,7 @@ from lmforge.training.rollout import (
     REWARDS,
     Rollout,
     UpdateForward,
+    critic_values,
     response_logprobs,
     response_outputs,
 )
@@ -311,10 +313,11 @@ def rollout_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rollout policy's log-probs and the critic's values (B, R), without gradients: one
     trunk pass for a shared critic, two for a separate one."""
+    pk = ro.packed()
     head = critic if isinstance(critic, ValueHead) else None
-    logp, _, values = response_outputs(policy, ro, cfg.sampling.temperature, value_head=head)
+    logp, _, values = response_outputs(policy, ro, cfg.sampling.temperature, value_head=head, pk=pk)
     if isinstance(critic, RewardModel):
-        values = ro.gather(critic.values(ro.ids))
+        values = critic_values(critic, pk)
     assert values is not None
     return logp, values * ro.mask
 

@@ -1,5 +1,5 @@
-"""PPO's update passes: the shared value head trains with the trunk, and the critic options are
-validated."""
+"""PPO's update passes: the shared value head trains with the trunk, packed rows give what the
+padded rows give, and the critic options are validated."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 from lmforge import config as C
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder
-from lmforge.models.reward import ValueHead
+from lmforge.models.reward import RewardModel, ValueHead
 from lmforge.models.transformer import TransformerConfig
-from lmforge.objectives.rl import clipped_value_loss
+from lmforge.objectives.lm import token_logprobs
+from lmforge.objectives.rl import clipped_value_loss, entropy
 from lmforge.training.ppo import PPOConfig
 from lmforge.training.rollout import Rollout, UpdateForward, build_rollout
 
@@ -28,6 +29,46 @@ def tiny_rollout(
     responses = [torch.randint(1, 50, (n,), generator=g).tolist() for n in response_lens]
     B = len(prompts)
     return build_rollout(prompts, responses, [True] * B, [""] * B, [None] * B, 0)  # type: ignore[list-item]
+
+
+def padded_outputs(
+    policy: Decoder, critic: RewardModel | ValueHead, ro: Rollout, temperature: float
+) -> tuple[torch.Tensor, ...]:
+    """Log-probs, entropies and values computed the plain way, on the right-padded rows."""
+    h = ro.gather(policy.hidden_states(ro.ids))  # (B, R, D)
+    logits = policy.lm_head(h) / temperature
+    logp = token_logprobs(logits, ro.response) * ro.mask
+    shared = isinstance(critic, ValueHead)
+    values = critic(h) if shared else ro.gather(critic.values(ro.ids))
+    return logp, entropy(logits) * ro.mask, values * ro.mask
+
+
+@pytest.mark.parametrize("kind", ["shared", "separate"])
+def test_packed_rows_give_the_padded_rows_outputs(kind: str) -> None:
+    torch.manual_seed(0)
+    policy = Decoder(CFG)
+    critic = ValueHead(32, 0.02) if kind == "shared" else RewardModel(Decoder(CFG))
+    ro = tiny_rollout()
+    assert ro.packed().ids.size(0) < len(ro)  # the short rows share packed rows
+    logp, ent, values = UpdateForward(policy, critic)(ro, 0.7)
+    assert values is not None
+    want = padded_outputs(policy, critic, ro, 0.7)
+    for got, expected in zip((logp, ent, values * ro.mask), want, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_of_one_length_run_unpacked_and_give_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    policy, head = Decoder(CFG), ValueHead(32, 0.02)
+    ro = tiny_rollout((6, 6, 6), (3, 3, 3))
+    pk = ro.packed()
+    assert pk.mask is None and pk.ids.shape == ro.ids.shape  # nothing to gain from packing
+    logp, ent, values = UpdateForward(policy, head)(ro, 1.0)
+    assert values is not None
+    for got, expected in zip(
+        (logp, ent, values), padded_outputs(policy, head, ro, 1.0), strict=True
+    ):
+        torch.testing.assert_close(got * ro.mask, expected * ro.mask, atol=1e-5, rtol=1e-5)
 
 
 def test_the_shared_value_loss_trains_the_value_head_and_the_trunk() -> None:
