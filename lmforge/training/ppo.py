@@ -351,8 +351,8 @@ def ppo_update(
         ((pg_loss + cfg.value_coef * v_loss) * weight).backward()
         mine = {
             **policy_stats(pg_loss, pg_stats, ent, mb.mask),
-            "value_loss": v_loss.item(),
-            "value_clipfrac": float(v_clipfrac),
+            "value_loss": v_loss.detach(),
+            "value_clipfrac": v_clipfrac,
         }
         stats = reduced_stats(mine, weight)
         loss = stats["policy_loss"] + cfg.value_coef * stats["value_loss"]
