@@ -17,11 +17,11 @@ Models: the default `TransformerConfig()` decoder (4 layers, 128 wide) on the wo
 random init, the same weights on every side. TRL: `AutoModelForCausalLMWithValueHead` around
 `LlamaForCausalLM` (`llama_from_decoder`), its own reference copy; its value head shares the
 policy trunk, one forward/backward per minibatch. lmforge runs twice: `lmforge_shared`
-(`critic=shared`, a value head on the policy's trunk: TRL's configuration, the stage's default)
-and `lmforge_separate` (`critic=separate`, a critic network of its own, `RewardModel(copy of
-the policy)`: two trunk forward/backward passes per minibatch). Both run the stage's own
-functions (`rollout_outputs`, `ppo_update`), whose passes pack each batch's rows (prompt +
-response, block-diagonal causal mask); TRL pads them.
+(`critic=shared`, a value head on the policy's trunk: TRL's configuration) and
+`lmforge_separate` (`critic=separate`, the stage's default: a critic network of its own,
+`RewardModel(copy of the policy)`, two trunk forward/backward passes per minibatch). Both run
+the stage's own functions (`rollout_outputs`, `ppo_update`), whose passes pack each batch's rows
+(prompt + response, block-diagonal causal mask); TRL pads them.
 
 Timing: `--repeats` iterations per side, interleaved, after one untimed warm-up iteration each;
 reported per side the median iteration time and its split into generation and update (all after

@@ -115,10 +115,11 @@ class PPOConfig:
     no_eos_penalty: float = opt(1.0, "subtracted from the score of responses that never end")
     score_norm: Literal["none", "batch"] = opt("none", "whiten the scores of each rollout batch")
     score_clip: float = opt(0.0, "clip scores to +-this after normalisation; 0 disables")
-    critic: Literal["shared", "separate"] = opt(
-        "shared",
-        "shared: a value head on the policy's trunk (one forward/backward per minibatch); "
-        "separate: a critic network of its own (twice the trunk passes)",
+    critic: Literal["separate", "shared"] = opt(
+        "separate",
+        "separate: a critic network of its own (twice the trunk passes); shared: a value head "
+        "on the policy's trunk (one forward/backward per minibatch: faster, but its value loss "
+        "moves the policy; see the README)",
     )
     critic_init: Literal["policy", "reward"] = opt(
         "policy", "critic=separate: its trunk from the SFT policy, or from the reward model"

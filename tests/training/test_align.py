@@ -104,12 +104,14 @@ def test_reward_model_learns_from_the_policys_own_samples(own: Path) -> None:
     assert last["val_gold_agreement"] >= 0.75, last
 
 
-@pytest.mark.parametrize("critic", ["shared", "separate"])
+# The shared value head's loss also moves the policy's trunk: at this learning rate, with the
+# default value_coef=0.5, the KL runs away (20+ nats) and the score stops rising; TRL's 0.1 learns.
+@pytest.mark.parametrize("critic", [("critic=separate",), ("critic=shared", "value_coef=0.1")])
 def test_ppo_raises_the_reward_model_score_of_its_samples(
-    critic: str, own: Path, sft_tuned: Path, tmp_path: Path
+    critic: tuple[str, ...], own: Path, sft_tuned: Path, tmp_path: Path
 ) -> None:
     args = [f"policy={sft_tuned}", f"reward_model={own / 'rm'}", *RL, "train.max_steps=30"]
-    cfg = C.load(PPOConfig, None, [*args, f"critic={critic}"])
+    cfg = C.load(PPOConfig, None, [*args, *critic])
     ppo(cfg, tmp_path / "ppo", progress=False)
     rows = rl_rows(tmp_path / "ppo")
     assert [r["step"] for r in rows] == list(range(1, 31))
