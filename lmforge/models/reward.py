@@ -1,4 +1,5 @@
-"""Reward model: a decoder or encoder trunk with a scalar head read at the last real token.
+"""Reward model: a decoder or encoder trunk with a scalar head read at the last real token; and
+PPO's value head, a scalar head on the policy's own trunk.
 
 As in InstructGPT (Ouyang et al., 2022), the trunk starts from a trained language model (the
 SFT model, typically) and a linear head maps the final hidden state of the last token of
@@ -51,10 +52,33 @@ class RewardModel(nn.Module):
         h = self.trunk.hidden_states(idx, positions=positions, mask=mask)  # (B, T, D)
         return self.head(h.reshape(B * T, -1)[last]).squeeze(-1).float()
 
-    def values(self, idx: torch.Tensor) -> torch.Tensor:
-        """The head at every position of right-padded rows idx (B, T) -> (B, T): PPO's critic,
-        which estimates at each token the reward still to come."""
-        return self.head(self.trunk.hidden_states(idx)).squeeze(-1).float()
+    def values(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The head at every position of idx (B, T) -> (B, T): PPO's critic, which estimates at
+        each token the reward still to come. Right-padded rows, or packed ones with their
+        `positions` and block-diagonal causal `mask`."""
+        h = self.trunk.hidden_states(idx, positions=positions, mask=mask)  # (B, T, D)
+        return self.head(h).squeeze(-1).float()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class ValueHead(nn.Module):
+    """PPO's critic sharing the policy's trunk: a linear map of the policy's final hidden states
+    to a value per position, as in TRL and Huang et al. (2024). The policy's one forward gives
+    log-probs and values, and the value loss trains the trunk too (weighted by value_coef)."""
+
+    def __init__(self, n_embd: int, init_std: float):
+        super().__init__()
+        self.head = nn.Linear(n_embd, 1)
+        nn.init.normal_(self.head.weight, std=init_std / n_embd**0.5)  # values start near 0
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) -> values (...)."""
+        return self.head(h).squeeze(-1).float()

@@ -279,22 +279,25 @@ def rank_minibatches(
 
 def policy_stats(
     pg_loss: torch.Tensor, pg_stats: dict[str, torch.Tensor], ent: torch.Tensor, mask: torch.Tensor
-) -> dict[str, float]:
-    """What PPO and GRPO log of a minibatch's clipped surrogate: token means over its rows."""
+) -> dict[str, torch.Tensor]:
+    """What PPO and GRPO log of a minibatch's clipped surrogate: token means over its rows
+    (scalar tensors: `reduced_stats` reads them all at once)."""
     return {
-        "policy_loss": pg_loss.item(),
-        "entropy": float(masked_mean(ent.detach(), mask)),
-        "clipfrac": float(pg_stats["clipfrac"]),
-        "approx_kl": float(pg_stats["approx_kl"]),
+        "policy_loss": pg_loss.detach(),
+        "entropy": masked_mean(ent.detach(), mask),
+        "clipfrac": pg_stats["clipfrac"],
+        "approx_kl": pg_stats["approx_kl"],
     }
 
 
-def reduced_stats(stats: dict[str, float], weight: float) -> dict[str, float]:
-    """Token means over this rank's rows of a minibatch, with the weight `rank_minibatches`
-    gave them -> the token means over the whole minibatch (summed over ranks, not a mean of
-    each rank's means)."""
+def reduced_stats(stats: dict[str, torch.Tensor], weight: float) -> dict[str, float]:
+    """Token means over this rank's rows of a minibatch (scalar tensors), with the weight
+    `rank_minibatches` gave them -> the token means over the whole minibatch (summed over
+    ranks, not a mean of each rank's means). One read from the device for them all, not one
+    per statistic."""
     w = weight / distributed.world_size()
-    return dict(zip(stats, distributed.all_sum(*(v * w for v in stats.values())), strict=True))
+    mine = torch.stack([v.detach().double().reshape(()) for v in stats.values()]).tolist()
+    return dict(zip(stats, distributed.all_sum(*(v * w for v in mine)), strict=True))
 
 
 def rollout_means(**per_row: torch.Tensor) -> dict[str, float]:

@@ -223,7 +223,7 @@ def _update(
         pg_loss, pg_stats = clipped_policy_loss(logp, old_logp[rows], token_adv, mb.mask, cfg.clip)
         kl = masked_mean(kl_penalty(logp, ref_logp[rows], "k3"), mb.mask)
         ((pg_loss + cfg.kl_coef * kl) * weight).backward()
-        mine = {**policy_stats(pg_loss, pg_stats, ent, mb.mask), "kl_term": kl.item()}
+        mine = {**policy_stats(pg_loss, pg_stats, ent, mb.mask), "kl_term": kl.detach()}
         stats = reduced_stats(mine, weight)
         loss = stats["policy_loss"] + cfg.kl_coef * stats["kl_term"]
         check_finite(torch.tensor(loss), it + 1, "loss")  # before any update reaches the weights

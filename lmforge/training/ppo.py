@@ -1,17 +1,22 @@
 """PPO against a reward model (RLHF), following InstructGPT and the published implementation
 details of RLHF with PPO (Huang et al., 2024).
 
-The policy and the frozen reference both start from the SFT model; the critic is a separate
-network with a per-token value head, initialised from the reward model (default) or from the
-SFT model. One iteration, read top to bottom in `ppo`:
+The policy and the frozen reference both start from the SFT model. The critic estimates a value
+at every response token; it is either a value head on the policy's own trunk (`critic=shared`,
+as TRL and Huang et al.: one forward/backward per minibatch gives log-probs and values, and the
+value loss trains the trunk too) or a network of its own (`critic=separate`, as InstructGPT:
+twice the trunk passes, initialised from the SFT model or the reward model). One iteration,
+read top to bottom in `ppo`:
 
 1. rollout: B prompts from the training split, one sampled response each (KV cache);
 2. score: reward-model score at the last token (or the world's gold reward), minus a penalty
    for responses that never ended; optional whitening/clipping of the scores;
 3. per-token rewards: -beta * KL(policy || reference) at every token, plus the score at the
-   last one; the critic's values; GAE advantages (whitened) and returns;
+   last one; the critic's values (with a shared critic, from the same pass as the policy's
+   log-probs); GAE advantages (whitened) and returns;
 4. update: several epochs of shuffled minibatches of the clipped surrogate and the clipped
-   value loss; the policy and critic sit in one AdamW (each with its own learning rate);
+   value loss, on each minibatch's rows packed; the policy and critic sit in one AdamW (each
+   with its own learning rate);
 5. log the diagnostics, warn about pathologies, evaluate on held-out prompts, checkpoint.
 
 Everything random in an iteration is seeded by (seed, iteration), so a killed run resumes
@@ -40,7 +45,7 @@ from lmforge.data.world_tasks import TaskConfig
 from lmforge.errors import UserError
 from lmforge.generation.generate import SamplingConfig
 from lmforge.models.decoder import Decoder
-from lmforge.models.reward import RewardModel
+from lmforge.models.reward import RewardModel, ValueHead
 from lmforge.objectives.rl import (
     adaptive_beta,
     clipped_policy_loss,
@@ -71,7 +76,14 @@ from lmforge.training.guard import check_stop_only
 from lmforge.training.loop import TrainConfig, check_finite, due, step_bar
 from lmforge.training.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from lmforge.training.preempt import Preempted, on_sigterm
-from lmforge.training.rollout import REWARDS, Rollout, UpdateForward, response_logprobs
+from lmforge.training.rollout import (
+    REWARDS,
+    Rollout,
+    UpdateForward,
+    critic_values,
+    response_logprobs,
+    response_outputs,
+)
 from lmforge.training.rundir import final_row, run_dir
 
 
@@ -103,10 +115,16 @@ class PPOConfig:
     no_eos_penalty: float = opt(1.0, "subtracted from the score of responses that never end")
     score_norm: Literal["none", "batch"] = opt("none", "whiten the scores of each rollout batch")
     score_clip: float = opt(0.0, "clip scores to +-this after normalisation; 0 disables")
-    critic_init: Literal["policy", "reward"] = opt(
-        "policy", "critic trunk from the SFT policy, or from the reward model"
+    critic: Literal["separate", "shared"] = opt(
+        "separate",
+        "separate: a critic network of its own (twice the trunk passes); shared: a value head "
+        "on the policy's trunk (one forward/backward per minibatch: faster, but its value loss "
+        "moves the policy; see the README)",
     )
-    critic_lr: float = opt(3e-4, "peak learning rate of the critic")
+    critic_init: Literal["policy", "reward"] = opt(
+        "policy", "critic=separate: its trunk from the SFT policy, or from the reward model"
+    )
+    critic_lr: float = opt(3e-4, "peak learning rate of the critic (shared: of its value head)")
     optim: OptimConfig = opt(
         OptimConfig(lr=3e-5, warmup_steps=0, weight_decay=0.0, schedule="constant"),
         "optimizer and schedule (lr is the policy's)",
@@ -138,6 +156,12 @@ class PPOConfig:
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         check(self.target_kl > 0, "target_kl", "must be > 0")
         check(self.sampling.temperature > 0, "sampling.temperature", "PPO samples: must be > 0")
+        check(
+            self.critic == "separate" or self.critic_init == "policy",
+            "critic_init",
+            "critic=shared reads values from the policy's trunk; critic_init=reward needs "
+            "critic=separate",
+        )
 
 
 def ppo(
@@ -155,9 +179,10 @@ def ppo(
     critic = _critic(cfg, policy, rm, device)
     optimizer = build_optimizer(policy, cfg.optim, also=[(critic, cfg.critic_lr)])
     both = torch.nn.ModuleDict({"policy": policy, "critic": critic})
-    # the critic's LM head (or all of it, for a reward-model trunk) gets no gradient
     model = UpdateForward(policy, critic)
-    forward = distributed.wrap(model, device, cfg.train.dist, s.dtype, unused_params=True)
+    # a separate critic's LM head (or all of it, for a reward-model trunk) gets no gradient
+    unused = cfg.critic == "separate"
+    forward = distributed.wrap(model, device, cfg.train.dist, s.dtype, unused_params=unused)
     run_config = policy_run_config("ppo", "ppo", cfg, s)
     B, T = cfg.train.batch_size, cfg.train.max_steps
 
@@ -205,9 +230,8 @@ def ppo(
                     score = (score - mean) / (var.sqrt() + 1e-8)
                 if cfg.score_clip:
                     score = score.clamp(-cfg.score_clip, cfg.score_clip)
-                old_logp, _ = response_logprobs(policy, ro, cfg.sampling.temperature)
+                old_logp, old_values = rollout_outputs(policy, critic, ro, cfg)
                 ref_logp, _ = response_logprobs(reference, ro, cfg.sampling.temperature)
-                old_values = ro.gather(critic.values(ro.ids)) * ro.mask
                 kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * ro.mask
                 rewards = token_rewards(score, kl, beta, ro.mask)
                 adv, returns = gae(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
@@ -268,7 +292,9 @@ def ppo(
 
 def _critic(
     cfg: PPOConfig, policy: Decoder, rm: RewardModel | None, device: torch.device
-) -> RewardModel:
+) -> RewardModel | ValueHead:
+    if cfg.critic == "shared":
+        return ValueHead(policy.cfg.n_embd, policy.cfg.init_std).to(device).train()
     if cfg.critic_init == "reward":
         if rm is None:
             raise UserError("critic_init=reward needs a reward model; use critic_init=policy")
@@ -281,6 +307,20 @@ def _critic(
     else:
         critic = RewardModel(copy.deepcopy(policy))
     return critic.to(device).train()
+
+
+def rollout_outputs(
+    policy: Decoder, critic: RewardModel | ValueHead, ro: Rollout, cfg: PPOConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout policy's log-probs and the critic's values (B, R), without gradients: one
+    trunk pass for a shared critic, two for a separate one."""
+    pk = ro.packed()
+    head = critic if isinstance(critic, ValueHead) else None
+    logp, _, values = response_outputs(policy, ro, cfg.sampling.temperature, value_head=head, pk=pk)
+    if isinstance(critic, RewardModel):
+        values = critic_values(critic, pk)
+    assert values is not None
+    return logp, values * ro.mask
 
 
 def ppo_update(
@@ -312,8 +352,8 @@ def ppo_update(
         ((pg_loss + cfg.value_coef * v_loss) * weight).backward()
         mine = {
             **policy_stats(pg_loss, pg_stats, ent, mb.mask),
-            "value_loss": v_loss.item(),
-            "value_clipfrac": float(v_clipfrac),
+            "value_loss": v_loss.detach(),
+            "value_clipfrac": v_clipfrac,
         }
         stats = reduced_stats(mine, weight)
         loss = stats["policy_loss"] + cfg.value_coef * stats["value_loss"]

@@ -1,10 +1,14 @@
 """Rollouts: what PPO, GRPO, best-of-n and the aligned-model eval share.
 
 A rollout is a batch of prompts with one sampled response each (KV-cache generation), laid out
-for the RL maths: every row is prompt + response, right-padded, so the forward passes use the
-plain causal path; the response positions of each row are gathered into (B, R) tensors
-(`Rollout.gather`). A response that stopped keeps its `<|end_of_turn|>` as its last token, so
-the policy is credited (or blamed) for ending.
+for the RL maths: every row is prompt + response, right-padded; the response positions of each
+row are gathered into (B, R) tensors (`Rollout.gather`). A response that stopped keeps its
+`<|end_of_turn|>` as its last token, so the policy is credited (or blamed) for ending.
+
+The log-prob, value and update passes run on the rows packed (`Rollout.packed`): prompts vary
+in length, so right-padded rows are mostly padding when one prompt is long; packed, the rows'
+real tokens share fewer, full rows (a block-diagonal causal mask keeps them apart), which
+gives the same outputs from fewer token positions.
 
 Rewards for a response come from a table (`REWARDS`): the reward model's score, or, on world
 prompts, the gold reward (0-1) or the task checker alone (1 correct, 0 not: a verifiable reward).
@@ -20,13 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.data.sft_batches import pack_sequences
 from lmforge.data.world_tasks import TaskExample, is_correct
 from lmforge.errors import UserError
 from lmforge.feedback.sampling import Prompt, prompt_ids
 from lmforge.feedback.simulated import gold_score
 from lmforge.generation.generate import SamplingConfig, generate
 from lmforge.models.decoder import Decoder
-from lmforge.models.reward import RewardModel
+from lmforge.models.reward import RewardModel, ValueHead
 from lmforge.objectives.lm import token_logprobs
 from lmforge.objectives.rl import entropy
 from lmforge.tokenizers import Tokenizer
@@ -63,6 +68,25 @@ class Rollout:
         length = self.mask.sum(dim=1).long()
         return torch.arange(B, device=self.ids.device) * T + self.start + length - 1
 
+    def packed(self) -> Packed:
+        """The rows' real tokens packed by best fit into rows as long as the longest of them;
+        or, where that saves no position (rows of one length), the rows as they are, cut to
+        the longest (plain causal attention, no mask)."""
+        lengths = (self.start + self.mask.sum(1).long()).tolist()
+        n, T, R = torch.tensor(lengths), max(lengths), self.response.size(1)
+        # position start - 1 + j predicts response token j; padding reads the row's last token
+        pos = (self.start.cpu()[:, None] - 1 + torch.arange(R)).clamp_max(n[:, None] - 1)
+        seqs = [r[:k] for r, k in zip(self.ids.tolist(), lengths, strict=True)]
+        (ids, positions, mask), last = pack_sequences(seqs, T)
+        device = self.ids.device
+        if len(ids) == len(self):
+            first = torch.arange(len(self)) * T  # flat index of each row's first token
+            return Packed(self.ids[:, :T], None, None, (first[:, None] + pos).to(device))
+        first = last - n + 1
+        return Packed(
+            ids.to(device), positions.to(device), mask.to(device), (first[:, None] + pos).to(device)
+        )
+
     def to(self, device: torch.device) -> Rollout:
         return dataclasses.replace(
             self,
@@ -84,6 +108,22 @@ class Rollout:
             [self.texts[i] for i in keep],
             [self.prompts[i] for i in keep],
         )
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A rollout's rows packed for the forward passes (N packed rows of L positions)."""
+
+    ids: torch.Tensor  # (N, L)
+    positions: torch.Tensor | None  # (N, L) restarting at 0 for each sequence (None: 0..L-1)
+    mask: torch.Tensor | None  # (N, 1, L, L) block-diagonal causal, True where a query may
+    # attend (None: plain causal, one sequence per row)
+    index: torch.Tensor  # (B, R) flat index into N * L of the position predicting each token
+
+    def gather(self, per_position: torch.Tensor) -> torch.Tensor:
+        """(N, L, ...) -> (B, R, ...): what `Rollout.gather` reads from the padded rows."""
+        flat = per_position.reshape(-1, *per_position.shape[2:])  # (N * L, ...)
+        return flat[self.index]
 
 
 def rollout(
@@ -138,21 +178,41 @@ def response_logprobs(
     model: Decoder, ro: Rollout, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(response token) (B, R) under `model` at the sampling temperature, and the entropy
-    at each position. The LM head runs only where a response token is predicted (prompt
-    positions would be most of its work)."""
-    logits = model.lm_head(ro.gather(model.hidden_states(ro.ids)))  # (B, R, V)
+    at each position."""
+    logp, ent, _ = response_outputs(model, ro, temperature, with_entropy)
+    return logp, ent
+
+
+def response_outputs(
+    model: Decoder,
+    ro: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    value_head: ValueHead | None = None,
+    pk: Packed | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`response_logprobs` and, given a value head on `model`'s trunk, the values (B, R) at the
+    positions that predict each response token: one trunk pass gives both. The heads run only
+    where a response token is predicted (prompt positions would be most of their work).
+    `pk`: `ro.packed()`, when the caller has it already."""
+    pk = pk if pk is not None else ro.packed()
+    h = pk.gather(model.hidden_states(pk.ids, positions=pk.positions, mask=pk.mask))  # (B, R, D)
+    logits = model.lm_head(h)  # (B, R, V)
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
     logp = token_logprobs(logits, ro.response) * ro.mask
-    return logp, (entropy(logits) * ro.mask if with_entropy else None)
+    ent = entropy(logits) * ro.mask if with_entropy else None
+    values = None if value_head is None else value_head(h)
+    return logp, ent, values
 
 
 class UpdateForward(torch.nn.Module):
-    """The policy (and PPO's critic) behind one `forward` that gives what a minibatch update
-    needs: DDP averages the gradients of the modules it wraps only when their forward runs
-    through it, so under torchrun `distributed.wrap` wraps this."""
+    """The policy (and PPO's critic: a network of its own, or a value head on the policy's
+    trunk) behind one `forward` that gives what a minibatch update needs: DDP averages the
+    gradients of the modules it wraps only when their forward runs through it, so under
+    torchrun `distributed.wrap` wraps this."""
 
-    def __init__(self, policy: Decoder, critic: RewardModel | None = None):
+    def __init__(self, policy: Decoder, critic: RewardModel | ValueHead | None = None):
         super().__init__()
         self.policy, self.critic = policy, critic
 
@@ -160,10 +220,18 @@ class UpdateForward(torch.nn.Module):
         self, ro: Rollout, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(log-probs (B, R), entropies (B, R), the critic's values (B, R) or None)."""
-        logp, ent = response_logprobs(self.policy, ro, temperature, with_entropy=True)
+        pk = ro.packed()
+        head = self.critic if isinstance(self.critic, ValueHead) else None
+        logp, ent, values = response_outputs(self.policy, ro, temperature, True, head, pk)
         assert ent is not None
-        values = None if self.critic is None else ro.gather(self.critic.values(ro.ids))
+        if isinstance(self.critic, RewardModel):
+            values = critic_values(self.critic, pk)
         return logp, ent, values
+
+
+def critic_values(critic: RewardModel, pk: Packed) -> torch.Tensor:
+    """A critic network's values (B, R) at the positions that predict each response token."""
+    return pk.gather(critic.values(pk.ids, positions=pk.positions, mask=pk.mask))
 
 
 # -------------------------------------------------------------------------------------------

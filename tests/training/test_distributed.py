@@ -376,7 +376,8 @@ def same_weights(a: Path, b: Path) -> bool:
 @pytest.mark.parametrize(
     ("stage", "cls", "args"),
     [
-        ("ppo", PPOConfig, ("ppo_epochs=2",)),
+        ("ppo", PPOConfig, ("ppo_epochs=2", "critic=shared")),
+        ("ppo", PPOConfig, ("ppo_epochs=2", "critic=separate")),
         ("grpo", GRPOConfig, ("group_size=4",)),
     ],
 )
