@@ -5,7 +5,7 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.generation.generate import SamplingConfig, generate
-from lmforge.generation.sampling import sample_next
+from lmforge.generation.sampling import draw, sample_next
 from lmforge.models.decoder import Decoder
 from lmforge.models.transformer import TransformerConfig
 
@@ -73,3 +73,30 @@ def test_top_k_and_top_p_restrict_support() -> None:
     p = sample_next(logits, temperature=1.0, top_p=0.75, generator=g)
     assert set(p.tolist()) == {0, 1}  # 0.5 < 0.75 needs the second token; 0.8 covers it
     assert sample_next(logits[:1]).item() == 0  # greedy
+
+
+def test_draw_takes_the_first_token_whose_cumulative_mass_reaches_u() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0])).repeat(5, 1)  # last token: -inf
+    u = torch.tensor([1e-7, 0.5, 0.51, 0.81, 1.0])
+    assert draw(logits, u).tolist() == [0, 0, 1, 2, 2]  # u = 1 never reaches the -inf token
+
+
+def test_sampled_frequencies_follow_the_probabilities() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = (probs.log() + 3.0).repeat(20000, 1)  # a shift does not change softmax
+    ids = sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / len(ids)
+    torch.testing.assert_close(freq, probs, atol=0.012, rtol=0)
+    hot = sample_next(logits[:4000], temperature=0.5, generator=torch.Generator().manual_seed(1))
+    sharpened = probs**2 / (probs**2).sum()  # temperature 0.5 squares the probabilities
+    freq = torch.bincount(hot, minlength=4).float() / len(hot)
+    torch.testing.assert_close(freq, sharpened, atol=0.03, rtol=0)
+
+
+def test_a_seed_fixes_the_samples(model: Decoder) -> None:
+    def run(seed: int) -> list[list[int]]:
+        cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, seed=seed)
+        return generate(model, PROMPTS, cfg, eos_id=None)
+
+    assert run(4) == run(4)
+    assert run(4) != run(5)
