@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+import lmforge.generation.generate as generate_module
 from lmforge.errors import UserError
-from lmforge.generation.generate import SamplingConfig, generate
+from lmforge.generation.generate import SamplingConfig, generate, row_groups
 from lmforge.generation.sampling import draw, sample_next
 from lmforge.models.decoder import Decoder
 from lmforge.models.transformer import TransformerConfig
@@ -100,3 +103,33 @@ def test_a_seed_fixes_the_samples(model: Decoder) -> None:
 
     assert run(4) == run(4)
     assert run(4) != run(5)
+
+
+def test_row_groups_split_off_long_prompts_when_padding_costs_more() -> None:
+    lengths = [2, 2, 3, 30]  # ascending, right-aligned at 30
+    assert row_groups(lengths, 30, group_cost=1000) == [(0, 4, 0)]
+    assert row_groups(lengths, 30, group_cost=10) == [(0, 3, 27), (3, 4, 0)]
+    assert row_groups(lengths, 30, group_cost=0) == [(0, 2, 28), (2, 3, 27), (3, 4, 0)]
+    assert row_groups([5, 5, 5], 5, group_cost=0) == [(0, 3, 0)]
+
+
+UNEVEN = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3], [10, 11, 12], [4, 4], [7] * 12]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_row_groups_decode_as_the_uncached_batch(
+    model: Decoder, temperature: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = SamplingConfig(max_new_tokens=16, temperature=temperature, seed=2)
+    no_cache = generate(model, UNEVEN, replace(cfg, use_cache=False), eos_id=None)
+    one_group = generate(model, UNEVEN, cfg, eos_id=None)
+    monkeypatch.setattr(generate_module, "GROUP_COST_BYTES", 0)  # a group per prompt length
+    groups = generate(model, UNEVEN, cfg, eos_id=None)
+    assert groups == one_group == no_cache
+
+
+def test_on_step_sees_the_rows_in_prompt_order(model: Decoder) -> None:
+    steps: list[list[int]] = []
+    cfg = SamplingConfig(max_new_tokens=6)
+    out = generate(model, UNEVEN, cfg, eos_id=None, on_step=lambda ids: steps.append(ids.tolist()))
+    assert [list(row) for row in zip(*steps, strict=True)] == out
