@@ -104,13 +104,17 @@ def decode_attention(
     head (GQA) reads the cache as it is, without repeating it per query head.
     """
     B, H, _, hs = q.shape
-    Hkv = k.size(1)
+    Hkv, dtype = k.size(1), q.dtype
+    if q.device.type == "cpu" and dtype != torch.float32:
+        # CPU bf16 matmuls of this shape run far below memory speed: converting the keys and
+        # values to fp32 first measured 1.07-1.15x faster for a whole bf16 sampling call.
+        q, k, v = q.float(), k.float(), v.float()
     q = q.reshape(B, Hkv, H // Hkv, hs) * hs**-0.5  # (B, Hkv, H/Hkv, hs)
     att = torch.matmul(q, k.transpose(-1, -2))  # (B, Hkv, H/Hkv, S)
     if mask is not None:
         att = att.masked_fill(mask.logical_not(), float("-inf"))
     att = torch.softmax(att, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(att, v).reshape(B, H, 1, hs)
+    return torch.matmul(att, v).reshape(B, H, 1, hs).to(dtype)
 
 
 def grouped_decode_attention(

@@ -92,3 +92,12 @@ def test_a_row_part_of_the_cache_writes_into_the_whole() -> None:
     assert torch.equal(held, k)  # what the part holds starts at its own first position
     assert torch.equal(cache.k[0, 1:3, :, 4:9], k)
     assert cache.k[0, 0].abs().sum() == 0 and cache.k[0, :, :, :4].abs().sum() == 0
+
+
+def test_decode_attention_keeps_a_bf16_model_in_bf16() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    low = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    assert low.dtype == torch.bfloat16
+    want = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(low.float(), want, atol=2e-2, rtol=2e-2)
