@@ -37,12 +37,6 @@ class KVCache:
         self.first = 0  # attention reads keys from here (see `rows`)
         self.groups: list[RowGroup] = [(0, batch, 0)]
 
-    @property
-    def position_bytes(self) -> int:
-        """Bytes of keys and values one row holds per position and layer."""
-        _, _, Hkv, _, hs = self.k.shape
-        return 2 * Hkv * hs * self.k.element_size()
-
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
