@@ -94,6 +94,11 @@ def generate(
     was_training = model.training
     model.eval()
 
+    # Decode steps on a CPU hide pad keys by adding -inf: SDPA would turn a boolean mask into
+    # that at every layer and step (~6% of a batch-16 call's CPU time in the profile).
+    decode_mask = valid
+    if padded and device.type == "cpu":
+        decode_mask = torch.zeros(B, total, device=device).masked_fill_(~valid, float("-inf"))
     cache = None
     if cfg.use_cache:
         cache = model.new_cache(B, total)
@@ -115,7 +120,7 @@ def generate(
             else:
                 x = seq[:, S - 1 : S]
                 positions = lengths + (n - 1) if padded else None  # (B, 1)
-                mask = valid[:, None, None, :S] if padded else None  # (B, 1, 1, S)
+                mask = decode_mask[:, None, None, :S] if padded else None  # (B, 1, 1, S)
             hidden = model.hidden_states(x, positions=positions, mask=mask, cache=cache)[:, -1]
         logits = model.lm_head(hidden)  # (B, V): only the last position is sampled
         nxt = _next_tokens(logits, cfg, gen, done, pad_id, eos_id)

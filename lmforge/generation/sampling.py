@@ -49,13 +49,12 @@ def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Ids (B,) drawn from softmax(logits (B, V)) by inverting the cumulative sum at u (B,),
     uniform in (0, 1].
 
-    The weights are left unnormalised (u is scaled by each row's total instead), and the first
-    id whose cumulative weight reaches u*total is taken: u > 0 and u*total <= total keep the
-    answer in range, and a token of weight 0 (masked by top-k/top-p) adds nothing to the sum,
-    so it can never be the first to reach it.
+    u is scaled by each row's summed probabilities (1 up to rounding), and the first id whose
+    cumulative probability reaches u*total is taken: u > 0 and u*total <= total keep the
+    answer in range, and a token of probability 0 (masked by top-k/top-p) adds nothing to the
+    sum, so it can never be the first to reach it.
     """
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # (B, V), the max is 1
-    cdf = weights.cumsum(dim=-1)
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     target = u[:, None].to(cdf.dtype) * cdf[:, -1:]  # (B, 1)
     return torch.searchsorted(cdf, target).squeeze(-1)
 

@@ -167,8 +167,9 @@ class Transformer(nn.Module):
 
         positions: (B, T) absolute positions, for left-padded or packed batches; by default
             0..T-1 continuing after whatever the cache holds.
-        mask: boolean (B, 1, T, S) attention mask, True where a query may attend; by default
-            causal attention (decoders) or full attention (encoders).
+        mask: boolean (B, 1, T, S) attention mask, True where a query may attend, or a float
+            one added to the attention scores (0 or -inf, in fp32 on a CPU, else the model's
+            dtype); by default causal attention (decoders) or full attention (encoders).
         cache: a KVCache; the new keys/values are appended and the cache advanced by T.
         """
         B, T = idx.shape
