@@ -116,10 +116,13 @@ def test_row_groups_split_off_long_prompts_when_padding_costs_more() -> None:
 UNEVEN = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3], [10, 11, 12], [4, 4], [7] * 12]
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize(("temperature", "n_kv_head"), [(0.0, 0), (1.0, 0), (0.0, 1)])
 def test_row_groups_decode_as_the_uncached_batch(
-    model: Decoder, temperature: float, monkeypatch: pytest.MonkeyPatch
+    temperature: float, n_kv_head: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    torch.manual_seed(1)
+    shape = dict(n_layer=2, n_head=2, n_kv_head=n_kv_head, n_embd=32, max_seq_len=48)
+    model = Decoder(TransformerConfig(vocab_size=40, **shape))
     cfg = SamplingConfig(max_new_tokens=16, temperature=temperature, seed=2)
     no_cache = generate(model, UNEVEN, replace(cfg, use_cache=False), eos_id=None)
     one_group = generate(model, UNEVEN, cfg, eos_id=None)
