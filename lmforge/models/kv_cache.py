@@ -1,8 +1,9 @@
 """A preallocated key/value cache for incremental decoding.
 
 Keys and values of every layer live in two tensors of shape (L, B, Hkv, S_max, hs). Each decode
-step writes T new positions at `length` and attention reads the prefix [0, length + T). The
-cache is a plain container: the model decides what to write, `generate` decides when to advance.
+step writes T new positions at `length` and attention reads [first, length + T) (first is 0
+except in a cache made by `rows`). The cache is a plain container: the model decides what to
+write, `generate` decides when to advance.
 
 Row groups: a left-padded batch whose prompts differ much in length holds mostly padding in the
 prefix of its short rows. `generate` sorts rows by prompt length and splits them into `groups`
