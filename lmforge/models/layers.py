@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.kv_cache import KVCache
+from lmforge.models.kv_cache import KVCache, RowGroup
 
 Norm = Literal["rmsnorm", "layernorm"]
 MLP = Literal["swiglu", "gelu"]
@@ -93,6 +93,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one new query per row, q (B, H, 1, hs), over the cached keys and values
+    (B, Hkv, S, hs) on a CPU; mask (B, 1, 1, S) hides pad keys. Returns (B, H, 1, hs).
+
+    A bf16 model's query, keys and values go to fp32 first: CPU bf16 attention kernels of this
+    shape run far below memory speed (a whole bf16 sampling call measured 1.1-1.2x faster).
+    """
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    rep = q.size(1) // k.size(1)  # query heads per key/value head (GQA)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
+
+
+def grouped_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: list[RowGroup],
+) -> torch.Tensor:
+    """`decode_attention` per row group of the cache (see kv_cache.py): each group's rows read
+    their keys from the group's first non-padding position on."""
+    if len(groups) == 1 and groups[0][2] == 0:
+        return decode_attention(q, k, v, mask)
+    parts = []
+    for first, end, start in groups:
+        part_mask = None if mask is None else mask[first:end, :, :, start:]
+        parts.append(
+            decode_attention(
+                q[first:end], k[first:end, :, start:], v[first:end, :, start:], part_mask
+            )
+        )
+    return torch.cat(parts)
+
+
 class Attention(nn.Module):
     """Multi-head (or grouped-query) self-attention with rotary positions and a KV cache."""
 
@@ -137,6 +177,9 @@ class Attention(nn.Module):
         v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hs) with S = cached + T
+            if T == 1 and x.device.type == "cpu":  # row groups, fp32 maths: measured on CPUs
+                y = grouped_decode_attention(q, k, v, mask, cache.groups)
+                return self.proj(y.transpose(1, 2).reshape(B, T, D))
         if Hkv != H:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)

@@ -167,8 +167,10 @@ class Transformer(nn.Module):
 
         positions: (B, T) absolute positions, for left-padded or packed batches; by default
             0..T-1 continuing after whatever the cache holds.
-        mask: boolean (B, 1, T, S) attention mask, True where a query may attend; by default
-            causal attention (decoders) or full attention (encoders).
+        mask: boolean (B, 1, T, S) attention mask, True where a query may attend, or a float
+            one (0 or -inf) added to the scores in the dtype attention runs in (fp32 for a
+            one-token step with a cache on a CPU); by default causal attention (decoders) or
+            full attention (encoders).
         cache: a KVCache; the new keys/values are appended and the cache advanced by T.
         """
         B, T = idx.shape
