@@ -98,7 +98,7 @@ def test_the_policy_loss_alone_leaves_the_value_head_untouched() -> None:
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["critic=both"], "field 'critic': must be one of shared, separate"),
+        (["critic=both"], "field 'critic': must be one of separate, shared"),
         (["critic=shared", "critic_init=reward"], "critic_init=reward needs critic=separate"),
     ],
 )
