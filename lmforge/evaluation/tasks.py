@@ -32,7 +32,7 @@ from lmforge.data.world_tasks import (
 )
 from lmforge.errors import UserError
 from lmforge.feedback.simulated import gold_score
-from lmforge.generation.generate import SamplingConfig, generate, generate_seq2seq
+from lmforge.generation.generate import SamplingConfig, generate_replies
 from lmforge.models import Model
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
@@ -143,18 +143,7 @@ def evaluate_tasks(
             full = [base_prompt(tok, ex, (shots or {}).get(ex.task, []), room) for ex in batch]
         cut += sum(len(p) > room for p in full)
         prompts = [p[-room:] for p in full]
-        if isinstance(model, EncoderDecoder):
-            new = generate_seq2seq(
-                model,
-                prompts,
-                sampling,
-                start_id=tok.bos_id,
-                eos_id=stop_id,
-                pad_id=tok.pad_id,
-                vocab_size=tok.vocab_size,
-            )
-        else:
-            new = generate(model, prompts, sampling, eos_id=stop_id, pad_id=tok.pad_id)
+        new = generate_replies(model, prompts, sampling, tok, eos_id=stop_id)
         for ex, ids in zip(batch, new, strict=True):
             stopped = len(ids) < cfg.max_new_tokens  # the stop token took a slot
             text = tok.decode(ids)

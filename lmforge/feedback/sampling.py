@@ -23,7 +23,7 @@ from lmforge.data.corpora import read_jsonl
 from lmforge.data.instruction import Message, json_kind, parse_record
 from lmforge.data.world_tasks import SPLITS, TaskConfig, TaskExample, make_splits
 from lmforge.errors import UserError, where
-from lmforge.generation.generate import SamplingConfig, generate, generate_seq2seq
+from lmforge.generation.generate import SamplingConfig, generate_replies
 from lmforge.models import Model
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
@@ -151,20 +151,7 @@ def sample_responses(
         # A distinct seed per batch: the same config always draws the same responses.
         sampling = SamplingConfig(**{**to_dict(cfg.sampling), "seed": cfg.sampling.seed + b})
         batch = [x for _, x in chunk]
-        if seq2seq:
-            assert isinstance(model, EncoderDecoder)
-            new = generate_seq2seq(
-                model,
-                batch,
-                sampling,
-                start_id=tok.bos_id,
-                eos_id=eot,
-                pad_id=tok.pad_id,
-                vocab_size=tok.vocab_size,
-            )
-        else:
-            assert isinstance(model, Decoder)
-            new = generate(model, batch, sampling, eos_id=eot, pad_id=tok.pad_id)
+        new = generate_replies(model, batch, sampling, tok, eos_id=eot)
         for (i, _), out in zip(chunk, new, strict=True):
             texts[i].append(tok.decode(out))
             stopped[i].append(len(out) < cfg.sampling.max_new_tokens)

@@ -13,7 +13,7 @@ import torch
 
 from lmforge.data.instruction import Message
 from lmforge.errors import UserError
-from lmforge.generation.generate import SamplingConfig, generate, generate_seq2seq
+from lmforge.generation.generate import SamplingConfig, generate_replies
 from lmforge.models import Model
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
@@ -74,18 +74,9 @@ class ChatSession:
                 on_text(text[len(shown) :])
                 shown = text
 
-        if isinstance(self.model, EncoderDecoder):
-            ids = generate_seq2seq(
-                self.model,
-                [prompt],
-                self.sampling,
-                start_id=self.tok.bos_id,
-                eos_id=eot,
-                on_step=stream,
-                vocab_size=self.tok.vocab_size,
-            )[0]
-        else:
-            ids = generate(self.model, [prompt], self.sampling, eos_id=eot, on_step=stream)[0]
+        ids = generate_replies(
+            self.model, [prompt], self.sampling, self.tok, eos_id=eot, on_step=stream
+        )[0]
         answer = self.tok.decode(ids)
         if on_text is not None and len(answer) > len(shown):
             on_text(answer[len(shown) :])

@@ -27,6 +27,7 @@ from lmforge.generation.sampling import sample_next
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.models.kv_cache import KVCache, RowGroup
+from lmforge.tokenizers import Tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,6 +245,32 @@ def generate_seq2seq(
             break
     model.train(was_training)
     return _cut_at_eos(tgt[:, 1 : n + 2], eos_id)
+
+
+def generate_replies(
+    model: Decoder | EncoderDecoder,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    tok: Tokenizer,
+    *,
+    eos_id: int | None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """New ids for each prompt, as text to decode with `tok`: a decoder continues the prompt,
+    an encoder-decoder maps it to an output (never drawing the span-corruption sentinels that
+    sit past `tok`'s vocabulary)."""
+    if isinstance(model, EncoderDecoder):
+        return generate_seq2seq(
+            model,
+            prompts,
+            cfg,
+            start_id=tok.bos_id,
+            eos_id=eos_id,
+            pad_id=tok.pad_id,
+            on_step=on_step,
+            vocab_size=tok.vocab_size,
+        )
+    return generate(model, prompts, cfg, eos_id=eos_id, pad_id=tok.pad_id, on_step=on_step)
 
 
 def _generators(
