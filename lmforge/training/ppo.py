@@ -80,9 +80,8 @@ from lmforge.training.rollout import (
     REWARDS,
     Rollout,
     UpdateForward,
-    critic_values,
+    policy_and_values,
     response_logprobs,
-    response_outputs,
 )
 from lmforge.training.rundir import final_row, run_dir
 
@@ -314,11 +313,7 @@ def rollout_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rollout policy's log-probs and the critic's values (B, R), without gradients: one
     trunk pass for a shared critic, two for a separate one."""
-    pk = ro.packed()
-    head = critic if isinstance(critic, ValueHead) else None
-    logp, _, values = response_outputs(policy, ro, cfg.sampling.temperature, value_head=head, pk=pk)
-    if isinstance(critic, RewardModel):
-        values = critic_values(critic, pk)
+    logp, _, values = policy_and_values(policy, critic, ro, cfg.sampling.temperature)
     assert values is not None
     return logp, values * ro.mask
 

@@ -220,18 +220,27 @@ class UpdateForward(torch.nn.Module):
         self, ro: Rollout, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(log-probs (B, R), entropies (B, R), the critic's values (B, R) or None)."""
-        pk = ro.packed()
-        head = self.critic if isinstance(self.critic, ValueHead) else None
-        logp, ent, values = response_outputs(self.policy, ro, temperature, True, head, pk)
+        logp, ent, values = policy_and_values(self.policy, self.critic, ro, temperature, True)
         assert ent is not None
-        if isinstance(self.critic, RewardModel):
-            values = critic_values(self.critic, pk)
         return logp, ent, values
 
 
-def critic_values(critic: RewardModel, pk: Packed) -> torch.Tensor:
-    """A critic network's values (B, R) at the positions that predict each response token."""
-    return pk.gather(critic.values(pk.ids, positions=pk.positions, mask=pk.mask))
+def policy_and_values(
+    policy: Decoder,
+    critic: RewardModel | ValueHead | None,
+    ro: Rollout,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`response_outputs` of the policy, with the values (B, R) of its critic (None without
+    one): a value head reads the policy's own pass, a critic network makes a pass of its own
+    over the same packed rows."""
+    pk = ro.packed()
+    head = critic if isinstance(critic, ValueHead) else None
+    logp, ent, values = response_outputs(policy, ro, temperature, with_entropy, head, pk)
+    if isinstance(critic, RewardModel):
+        values = pk.gather(critic.values(pk.ids, positions=pk.positions, mask=pk.mask))
+    return logp, ent, values
 
 
 # -------------------------------------------------------------------------------------------
