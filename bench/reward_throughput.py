@@ -15,14 +15,15 @@ once: 6 pairs per prompt, 21,600 in all, the chosen side drawn by the noisy Brad
 annotator) and read back with `parse_preference` (lmforge's preference-file reader) into
 `Preference`s. Step i takes the pairs `epoch_order(n, seed, 16 i, 16)` (the reward loop's seeded
 order), rendered with `render_pairs(tok, prefs, 256)` (prompt + reply + `<|end_of_turn|>`) and
-batched by `collate_pairs` -> ((ids (2B, T), last (2B,)), labels (B,)), right-padded with 0
+batched by `collate_pairs` -> ((ids (2B, T), last (2B,), ...), labels (B,)), right-padded with 0
 to the step's longest sequence (for `lmforge_packed`: packed into rows of 256); `tok` the
 world BPE tokenizer (2,048 requested, on `generate_corpus(WorldConfig(n_docs=5000)).train`).
 Batches are built before timing.
 
 Variants (interleaved in each repeat):
 - `lmforge_eager`: `RewardModel(Decoder(cfg))` (a linear head on the final hidden state of each
-  sequence's last real token), `build_optimizer(model, OptimConfig(lr=3e-4, weight_decay=0))`,
+  sequence's last real token: the peer's model; the reward stage's optional likelihood term is
+  off here, as the peer has none), `build_optimizer(model, OptimConfig(lr=3e-4, weight_decay=0))`,
   autocast dtype `autocast_dtype("auto", cpu)`, each step one `train_step(model, optimizer,
   [(x, y)], pair_loss(margin=0.0), grad_clip=1.0)`: as `lmforge.training.reward` runs it
   (less its per-step learning-rate schedule; the reward command has no compile option).
@@ -141,7 +142,7 @@ def build_batches(
         collate_pairs(pairs, range(i * PAIRS, (i + 1) * PAIRS), "packed", BLOCK) for i in range(n)
     ]
     masks = []
-    for (ids, last), labels in batches:
+    for (ids, last, *_), labels in batches:
         lengths = seq_lengths(ids, last)
         valid = torch.arange(ids.size(1))[None, :] < lengths[:, None]  # (2B, T)
         # The peer scores the rightmost id that is not pad_token_id (0): real ids never are.
@@ -149,15 +150,15 @@ def build_batches(
         # The peer's loss is lmforge's at label 1, which every simulated label is.
         assert bool((labels == 1.0).all()), "soft labels: the peer's loss would differ"
         masks.append(valid.long())
-    slots = sum(ids.numel() for (ids, _), _ in batches)
+    slots = sum(x[0].numel() for x, _ in batches)
     real = sum(real_tokens(b) for b in batches)
     packed_slots = sum(x[0].numel() for x, _ in packed)
     info = {
         "pairs_per_step": PAIRS,
         "steps_built": n,
         "seq_len_mean": real / (2 * PAIRS * n),
-        "seq_len_max": max(int(seq_lengths(*x).max()) for x, _ in batches),
-        "padded_len_mean": sum(ids.size(1) for (ids, _), _ in batches) / n,
+        "seq_len_max": max(int(seq_lengths(*x[:2]).max()) for x, _ in batches),
+        "padded_len_mean": sum(x[0].size(1) for x, _ in batches) / n,
         "padding_share": 1 - real / slots,
         "packed_padding_share": 1 - real / packed_slots,
         "render_s": t1 - t0,
@@ -172,7 +173,7 @@ def seq_lengths(ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 
 
 def real_tokens(batch: Batch) -> int:
-    return int(seq_lengths(*batch[0]).sum())
+    return int(seq_lengths(*batch[0][:2]).sum())
 
 
 def on_packed(step: common.Step, packed: list[Any]) -> common.Step:
@@ -189,7 +190,7 @@ def hf_step(model: Any, bf16: bool, masks: list[torch.Tensor]) -> common.Step:
     optimizer = common.peer_adamw(model.parameters(), lr=OPTIM.lr, weight_decay=0.0)
 
     def step(inputs: Any, targets: torch.Tensor, i: int) -> None:
-        ids, _ = inputs
+        ids = inputs[0]
         B = targets.size(0)
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             r = model(input_ids=ids, attention_mask=masks[i]).logits.squeeze(-1)

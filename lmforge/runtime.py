@@ -82,8 +82,8 @@ Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
 def to_device(x: Batch, device: torch.device) -> Batch:
     """Move a model input (one tensor, or a tuple such as encoder and decoder ids) to `device`."""
-    if isinstance(x, tuple):
-        return tuple(t.to(device, non_blocking=True) for t in x)
+    if isinstance(x, tuple):  # a None in it (an optional input left out) stays None
+        return tuple(t if t is None else t.to(device, non_blocking=True) for t in x)
     return x.to(device, non_blocking=True)
 
 

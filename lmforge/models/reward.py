@@ -7,6 +7,13 @@ SFT model, typically) and a linear head maps the final hidden state of the last 
 so that is the token read. Batches are right-padded (one sequence per row) or packed (several per
 row, with a block-diagonal mask and positions restarting per sequence, as SFT packs examples).
 
+Optionally (`likelihood=True`, decoder trunks) the score also adds the trunk's own log-likelihood
+of the reply, times a learned scale: r = head(h_last) + s * sum_t log p(y_t | x, y_<t). A small
+trunk fine-tuned on a few thousand noisy pairs does not learn to check an answer from the state
+of its last token, while its language-model head already rates how likely the answer is (the
+"generative verifier" view of an LM); the head then learns the style terms on top. The term
+needs the reply's tokens marked (`reply`).
+
 Shape legend: B batch, T time, D width.
 """
 
@@ -20,15 +27,20 @@ from lmforge.models.transformer import Transformer
 
 
 class RewardModel(nn.Module):
-    def __init__(self, trunk: Transformer):
+    def __init__(self, trunk: Transformer, likelihood: bool = False):
         super().__init__()
         self.trunk = trunk
         self.cfg = trunk.cfg
         self.causal = isinstance(trunk, Decoder)  # else bidirectional (an encoder)
+        if likelihood and not self.causal:
+            raise ValueError("a likelihood term needs a decoder trunk")
+        self.likelihood = likelihood
         self.head = nn.Linear(trunk.cfg.n_embd, 1)
         # Small init: rewards start near 0, so the first Bradley-Terry gradients are balanced.
         nn.init.normal_(self.head.weight, std=trunk.cfg.init_std / trunk.cfg.n_embd**0.5)
         nn.init.zeros_(self.head.bias)
+        if likelihood:  # weight of the reply's log-likelihood, in reward units per nat
+            self.lik_scale = nn.Parameter(torch.ones(()))
 
     def forward(
         self,
@@ -36,13 +48,15 @@ class RewardModel(nn.Module):
         last: torch.Tensor,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        reply: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rewards (N,) of the sequences in idx (B, T) whose final tokens sit at the flat
         indices `last` (N,) into B * T.
 
         Right-padded batch: one sequence per row, no mask needed for a causal trunk; a
         bidirectional trunk gets the padding keys hidden here. Packed batch (several sequences
-        per row): give the restarting `positions` and the block-diagonal `mask`.
+        per row): give the restarting `positions` and the block-diagonal `mask`. With the
+        likelihood term, `reply` (B, T) bool marks the reply's tokens (never a sequence's first).
         """
         B, T = idx.shape
         if mask is None and not self.causal:  # padded rows: hide the padding keys
@@ -50,7 +64,32 @@ class RewardModel(nn.Module):
             valid = torch.arange(T, device=idx.device)[None, :] < lengths[:, None]  # (B, T)
             mask = valid[:, None, None, :]
         h = self.trunk.hidden_states(idx, positions=positions, mask=mask)  # (B, T, D)
-        return self.head(h.reshape(B * T, -1)[last]).squeeze(-1).float()
+        r = self.head(h.reshape(B * T, -1)[last]).squeeze(-1).float()
+        if self.likelihood:
+            if reply is None:
+                raise ValueError("this reward model adds the reply's likelihood: give `reply`")
+            r = r + self.lik_scale * self._reply_loglik(h, idx, reply, last)
+        return r
+
+    def _reply_loglik(
+        self, h: torch.Tensor, idx: torch.Tensor, reply: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
+        """Summed log p of each sequence's reply tokens (N,). The LM head runs only where a
+        reply token is predicted; a sequence's sum is the cumulative sum at its last token less
+        that at the previous sequence's last token (rows and packed sequences are contiguous in
+        the flat B * T order, and only reply positions hold a value)."""
+        B, T = idx.shape
+        target = reply.clone()
+        target[:, 0] = False  # position t - 1 predicts token t
+        at = target.reshape(-1).nonzero().squeeze(1)  # flat index of each reply token
+        logits = self.trunk.lm_head(h.reshape(B * T, -1)[at - 1]).float()
+        lp = torch.log_softmax(logits, dim=-1).gather(1, idx.reshape(-1)[at, None]).squeeze(1)
+        total = torch.zeros(B * T, device=h.device).index_put((at,), lp).cumsum(0)
+        ends, order = last.sort()
+        before = torch.cat([total.new_zeros(1), total[ends[:-1]]])  # the previous sequence's
+        out = torch.empty_like(before)
+        out[order] = total[ends] - before
+        return out
 
     def values(
         self,

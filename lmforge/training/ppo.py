@@ -175,6 +175,11 @@ def ppo(
     s = start_rl(cfg, out, resume, overwrite, multi_process=True)
     policy, reference, tok, rm, data, device = s.policy, s.reference, s.tok, s.rm, s.data, s.device
     progress = progress and distributed.is_main()
+    if rm is not None and rm.likelihood and cfg.score_norm == "none" and progress:
+        tqdm.write(
+            "ppo: this reward model adds the reply's log-likelihood (scores of tens of nats), "
+            "which swamps kl_coef; consider score_norm=batch"
+        )
     critic = _critic(cfg, policy, rm, device)
     optimizer = build_optimizer(policy, cfg.optim, also=[(critic, cfg.critic_lr)])
     both = torch.nn.ModuleDict({"policy": policy, "critic": critic})
@@ -302,7 +307,8 @@ def _critic(
                 "critic_init=reward: the reward model has an encoder trunk; a critic "
                 "must be causal (use critic_init=policy)"
             )
-        critic = copy.deepcopy(rm)
+        critic = RewardModel(copy.deepcopy(rm.trunk))  # the values read the head alone
+        critic.head.load_state_dict(rm.head.state_dict())
     else:
         critic = RewardModel(copy.deepcopy(policy))
     return critic.to(device).train()

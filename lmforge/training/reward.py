@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -34,10 +34,11 @@ from lmforge.data.world import World
 from lmforge.data.world_tasks import FLAWS, TaskConfig, make_splits
 from lmforge.errors import UserError
 from lmforge.feedback.simulated import ceiling
+from lmforge.models.decoder import Decoder
 from lmforge.models.reward import RewardModel
 from lmforge.models.transformer import Transformer
 from lmforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
-from lmforge.runtime import DTYPES, autocast, call, seed_everything, to_device
+from lmforge.runtime import DTYPES, Batch, autocast, call, seed_everything, to_device
 from lmforge.tokenizers import Tokenizer
 from lmforge.tokenizers.chat import render_chat
 from lmforge.training.checkpoint import load_model, load_state
@@ -72,6 +73,11 @@ class RewardConfig:
     val_data: tuple[str, ...] = opt((), "held-out preferences; empty: the last val_fraction")
     val_fraction: float = opt(0.1, "share of pairs held out when no val_data is given")
     margin: float = opt(0.0, "Bradley-Terry margin: r_chosen must beat r_rejected by this")
+    likelihood: bool = opt(
+        False,
+        "add the trunk's log-likelihood of the reply, times a learned scale, to the head's "
+        "score (decoder trunks; an encoder trunk scores with the head alone)",
+    )
     layout: Literal["packed", "padded"] = opt(
         "packed", "training batches: sequences packed into rows (no padding) or one per row"
     )
@@ -97,6 +103,8 @@ class Pairs:
 
     chosen: list[list[int]]
     rejected: list[list[int]]
+    chosen_reply: list[list[bool]]  # per id: part of the reply (what the likelihood term sums)
+    rejected_reply: list[list[bool]]
     label: np.ndarray  # (N,) float32: P(chosen preferred)
     p_annotator: list[float | None]  # the simulated annotator's own probability, when known
     gold: list[tuple[float, float] | None]  # gold rewards of (chosen, rejected), when known
@@ -106,44 +114,66 @@ class Pairs:
         return len(self.chosen)
 
 
-def render_reply(tok: Tokenizer, prompt: Sequence[Message], reply: str) -> list[int]:
-    """Ids of prompt + reply, whole (`render_pairs` cuts them to the block)."""
-    return render_chat(tok, [*prompt, Message("assistant", reply)])[0]
+def render_reply(
+    tok: Tokenizer, prompt: Sequence[Message], reply: str
+) -> tuple[list[int], list[bool]]:
+    """Ids of prompt + reply, whole (`render_pairs` cuts them to the block), and per id whether
+    it belongs to the reply."""
+    return render_chat(tok, [*prompt, Message("assistant", reply)])
 
 
 def render_pairs(tok: Tokenizer, prefs: Sequence[Preference], block: int) -> Pairs:
     """Both sides of each pair; a side longer than `block` loses the start of its prompt (the
     reply and its end, which the reward reads, stay) and the pair is counted in n_truncated."""
-    chosen = [render_reply(tok, p.prompt, p.chosen) for p in prefs]
+    chosen = [render_reply(tok, p.prompt, p.chosen) for p in prefs]  # (ids, reply) each
     rejected = [render_reply(tok, p.prompt, p.rejected) for p in prefs]
-    cut = sum(max(len(c), len(r)) > block for c, r in zip(chosen, rejected, strict=True))
+    cut = sum(max(len(c), len(r)) > block for (c, _), (r, _) in zip(chosen, rejected, strict=True))
     label = np.array([p.label for p in prefs], dtype=np.float32)
     meta = [getattr(p, "meta", None) or {} for p in prefs]
     p_ann = [m.get("p_chosen") for m in meta]
     gold = [(m["gold_chosen"], m["gold_rejected"]) if "gold_chosen" in m else None for m in meta]
-    chosen, rejected = [x[-block:] for x in chosen], [x[-block:] for x in rejected]
-    return Pairs(chosen, rejected, label, p_ann, gold, n_truncated=cut)
+
+    def part(side: list[tuple[list[int], list[bool]]], k: int) -> list:
+        return [x[k][-block:] for x in side]
+
+    return Pairs(
+        part(chosen, 0),
+        part(rejected, 0),
+        part(chosen, 1),
+        part(rejected, 1),
+        label,
+        p_ann,
+        gold,
+        n_truncated=cut,
+    )
 
 
 def collate_pairs(
     pairs: Pairs, idx: Sequence[int], layout: str = "padded", block: int = 0, causal: bool = True
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+) -> tuple[Batch, torch.Tensor]:
     """((model inputs), labels (B,)) for pairs idx; the model returns 2B rewards, chosen first.
 
-    padded: (ids (2B, T), last (2B,)), one sequence per row. packed: (ids (R, block), last,
-    positions, mask), sequences packed into R rows as SFT packs examples (no padding to pay for).
+    padded: (ids (2B, T), last (2B,), None, None, reply (2B, T)), one sequence per row.
+    packed: (ids (R, block), last, positions, mask, reply), sequences packed into R rows as SFT
+    packs examples (no padding to pay for). `reply` marks the replies' tokens.
     """
     seqs = [pairs.chosen[i] for i in idx] + [pairs.rejected[i] for i in idx]
+    replies = [pairs.chosen_reply[i] for i in idx] + [pairs.rejected_reply[i] for i in idx]
     labels = torch.from_numpy(pairs.label[list(idx)])
+    positions = mask = None
     if layout == "packed":
-        (x, positions, mask), last = pack_sequences(seqs, block, causal=causal)
-        return (x, last, positions, mask), labels
-    T = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-    last = torch.arange(len(seqs)) * T + torch.tensor([len(s) for s in seqs]) - 1
-    return (ids, last), labels
+        (ids, positions, mask), last = pack_sequences(seqs, block, causal=causal)
+    else:
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s)
+        last = torch.arange(len(seqs)) * T + torch.tensor([len(s) for s in seqs]) - 1
+    reply = torch.zeros(ids.numel(), dtype=torch.bool)
+    for end, r in zip(last.tolist(), replies, strict=True):
+        reply[end - len(r) + 1 : end + 1] = torch.tensor(r)
+    # the padded layout leaves positions and mask out (None), which `to_device` and `call` pass on
+    return cast(Batch, (ids, last, positions, mask, reply.view_as(ids))), labels
 
 
 def pair_loss(margin: float):  # noqa: ANN201 - a loss closure for train_step
@@ -253,19 +283,23 @@ def reward(
     if not isinstance(trunk, Transformer):
         raise UserError(f"model: {cfg.model} is an encoder-decoder; use a decoder or encoder")
     seed_everything(cfg.train.seed)
-    model = RewardModel(trunk).to(device).train()
+    likelihood = cfg.likelihood and isinstance(trunk, Decoder)
+    if cfg.likelihood and not likelihood and progress:
+        tqdm.write("reward: an encoder trunk has no reply likelihood; the head alone scores")
+    model = RewardModel(trunk, likelihood).to(device).train()
     block = cfg.train.block_size or trunk.cfg.max_seq_len
     train_pairs = render_pairs(tok, train_prefs, block)
     val_pairs = render_pairs(tok, val_prefs, block)
-    # the head reads hidden states, so an LM head not tied to the embedding gets no gradient
-    # and DDP must not wait for one
-    untied = not trunk.cfg.tie_embeddings
-    ddp = distributed.wrap(model, device, cfg.train.dist, dtype, unused_params=untied)
+    # without the likelihood term the head reads hidden states only, so an LM head not tied to
+    # the embedding gets no gradient and DDP must not wait for one
+    unused = not trunk.cfg.tie_embeddings and not likelihood
+    ddp = distributed.wrap(model, device, cfg.train.dist, dtype, unused_params=unused)
     optimizer = build_optimizer(model, cfg.optim)  # after wrap: FSDP replaces the parameters
     run_config: dict[str, Any] = {
         "stage": "reward",
         "family": base_config["family"],
         "head": "reward",
+        "likelihood": likelihood,
         "extra_vocab": base_config.get("extra_vocab", 0),
         "base_model": cfg.model,
         "run": to_dict(cfg),

@@ -68,6 +68,13 @@ class Rollout:
         length = self.mask.sum(dim=1).long()
         return torch.arange(B, device=self.ids.device) * T + self.start + length - 1
 
+    def reply_mask(self) -> torch.Tensor:
+        """(B, T) bool: True on each row's response tokens (what a reward model's likelihood
+        term sums)."""
+        t = torch.arange(self.ids.size(1), device=self.ids.device)
+        end = self.start + self.mask.sum(dim=1).long()
+        return (t[None, :] >= self.start[:, None]) & (t[None, :] < end[:, None])
+
     def packed(self) -> Packed:
         """The rows' real tokens packed by best fit into rows as long as the longest of them;
         or, where that saves no position (rows of one length), the rows as they are, cut to
@@ -281,7 +288,7 @@ def model_rewards(rm: RewardModel, ro: Rollout, batch_size: int = 64) -> torch.T
     out = []
     for i in range(0, len(ro), batch_size):
         part = ro.select(torch.arange(i, min(i + batch_size, len(ro))))
-        out.append(rm(part.ids, part.last_index()))
+        out.append(rm(part.ids, part.last_index(), reply=part.reply_mask()))
     return torch.cat(out)
 
 

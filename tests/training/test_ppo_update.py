@@ -112,3 +112,18 @@ def test_critic_separate_accepts_a_reward_model_trunk() -> None:
         PPOConfig, None, ["policy=p", "reward=gold", "critic=separate", "critic_init=reward"]
     )
     assert cfg.critic == "separate"
+
+
+def test_a_likelihood_reward_model_scores_a_rollout_by_its_response_tokens() -> None:
+    """model_rewards marks each row's response (tiny_rollout's have different starts and
+    lengths), so the likelihood term is the policy-style log-prob sum of exactly those tokens."""
+    from lmforge.training.rollout import model_rewards
+
+    torch.manual_seed(0)
+    rm = RewardModel(Decoder(CFG), likelihood=True).eval()
+    ro = tiny_rollout()
+    with torch.no_grad():
+        got = model_rewards(rm, ro, batch_size=2)  # batches of rows cut from the rollout
+        head = rm.head(rm.trunk.hidden_states(ro.ids).reshape(-1, 32)[ro.last_index()])
+        logp = token_logprobs(ro.gather(rm.trunk(ro.ids)), ro.response) * ro.mask
+    torch.testing.assert_close(got, head.squeeze(-1) + logp.sum(1), atol=1e-5, rtol=1e-5)

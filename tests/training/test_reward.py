@@ -130,8 +130,10 @@ def test_label_simulated_cli_writes_pairs_with_annotator_settings(
     assert all(r["chosen"] != r["rejected"] for r in recs)
 
 
-@pytest.mark.parametrize("family", ["decoder", "encoder"])
-def test_packed_and_padded_pairs_give_the_same_rewards(family: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "likelihood"), [("decoder", False), ("decoder", True), ("encoder", False)]
+)
+def test_packed_and_padded_pairs_give_the_same_rewards(family: str, likelihood: bool) -> None:
     import torch
 
     from lmforge.data.instruction import Message
@@ -145,7 +147,7 @@ def test_packed_and_padded_pairs_give_the_same_rewards(family: str) -> None:
     torch.manual_seed(0)
     tok = train_tokenizer("bpe", ["What is 3 plus 4? It is 7. Stop wasting my time."] * 5, 300)
     cfg = TransformerConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, max_seq_len=64)
-    model = RewardModel(FAMILIES[family](cfg)).eval()  # type: ignore[arg-type]
+    model = RewardModel(FAMILIES[family](cfg), likelihood).eval()  # type: ignore[arg-type]
     prefs = [
         Preference((Message("user", "What is 3 plus " + "4" * k + "?"),), "7" * (k + 1), "It is 7.")
         for k in range(6)
@@ -156,3 +158,42 @@ def test_packed_and_padded_pairs_give_the_same_rewards(family: str) -> None:
     assert packed[0].size(0) < padded[0].size(0), "nothing was packed; the test would be vacuous"
     with torch.no_grad():
         assert torch.allclose(model(*padded), model(*packed), atol=1e-5)
+
+
+def test_the_likelihood_term_is_the_trunks_summed_log_prob_of_the_reply() -> None:
+    """With the head zeroed, the reward is exactly the decoder's log-likelihood of the reply
+    tokens (as DPO sums them), in both layouts; the head's share then adds on top."""
+    import torch
+
+    from lmforge.data.instruction import Message
+    from lmforge.data.preference import Preference
+    from lmforge.models import FAMILIES
+    from lmforge.models.reward import RewardModel
+    from lmforge.models.transformer import TransformerConfig
+    from lmforge.tokenizers import train_tokenizer
+    from lmforge.training.dpo import collate_seqs, render_pair_seqs, sequence_logprobs
+    from lmforge.training.reward import collate_pairs, render_pairs
+
+    torch.manual_seed(0)
+    tok = train_tokenizer("bpe", ["What is 3 plus 4? It is 7. Stop wasting my time."] * 5, 300)
+    cfg = TransformerConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, max_seq_len=64)
+    model = RewardModel(FAMILIES["decoder"](cfg), likelihood=True).eval()  # type: ignore[arg-type]
+    torch.nn.init.zeros_(model.head.weight)
+    prefs = [
+        Preference((Message("user", "What is 3 plus " + "4" * k + "?"),), "7" * (k + 1), "It is 7.")
+        for k in range(5)
+    ]
+    ids, mask = collate_seqs(render_pair_seqs(tok, prefs, 64), range(5))  # chosen rows first
+    pairs = render_pairs(tok, prefs, 64)
+    with torch.no_grad():
+        want = sequence_logprobs(model.trunk, ids, mask)
+        assert (want < 0).all() and want.std() > 0
+        for layout in ("padded", "packed"):
+            x, _ = collate_pairs(pairs, range(5), layout, 64)
+            assert torch.allclose(model(*x), want, atol=1e-4), layout
+        model.lik_scale.fill_(0.5)
+        model.head.bias.fill_(2.0)
+        x, _ = collate_pairs(pairs, range(5))
+        assert torch.allclose(model(*x), 2.0 + 0.5 * want, atol=1e-4)
+        with pytest.raises(ValueError, match="reply"):
+            model(*x[:2])
