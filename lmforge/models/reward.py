@@ -40,7 +40,7 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=trunk.cfg.init_std / trunk.cfg.n_embd**0.5)
         nn.init.zeros_(self.head.bias)
         if likelihood:  # weight of the reply's log-likelihood, in reward units per nat
-            self.lik_scale = nn.Parameter(torch.ones(()))
+            self.lik_scale = nn.Parameter(torch.ones(1))  # (1,): FSDP shards no 0-dim tensors
 
     def forward(
         self,
@@ -68,27 +68,33 @@ class RewardModel(nn.Module):
         if self.likelihood:
             if reply is None:
                 raise ValueError("this reward model adds the reply's likelihood: give `reply`")
-            r = r + self.lik_scale * self._reply_loglik(h, idx, reply, last)
+            r = r + self.lik_scale * self._reply_loglik(h, idx, reply, last, positions)
         return r
 
     def _reply_loglik(
-        self, h: torch.Tensor, idx: torch.Tensor, reply: torch.Tensor, last: torch.Tensor
+        self,
+        h: torch.Tensor,
+        idx: torch.Tensor,
+        reply: torch.Tensor,
+        last: torch.Tensor,
+        positions: torch.Tensor | None,
     ) -> torch.Tensor:
         """Summed log p of each sequence's reply tokens (N,). The LM head runs only where a
-        reply token is predicted; a sequence's sum is the cumulative sum at its last token less
-        that at the previous sequence's last token (rows and packed sequences are contiguous in
-        the flat B * T order, and only reply positions hold a value)."""
+        reply token is predicted, by the position before it in the same sequence (a sequence's
+        first token has none). Rows and packed sequences are contiguous in the flat B * T order,
+        so a reply token belongs to the first sequence whose last token is at or after it."""
         B, T = idx.shape
         target = reply.clone()
         target[:, 0] = False  # position t - 1 predicts token t
+        if positions is not None:  # packed: a sequence starts where its position is 0
+            target &= positions > 0
         at = target.reshape(-1).nonzero().squeeze(1)  # flat index of each reply token
         logits = self.trunk.lm_head(h.reshape(B * T, -1)[at - 1]).float()
         lp = torch.log_softmax(logits, dim=-1).gather(1, idx.reshape(-1)[at, None]).squeeze(1)
-        total = torch.zeros(B * T, device=h.device).index_put((at,), lp).cumsum(0)
         ends, order = last.sort()
-        before = torch.cat([total.new_zeros(1), total[ends[:-1]]])  # the previous sequence's
-        out = torch.empty_like(before)
-        out[order] = total[ends] - before
+        sums = lp.new_zeros(len(last)).index_add_(0, torch.searchsorted(ends, at), lp)
+        out = torch.empty_like(sums)
+        out[order] = sums
         return out
 
     def values(

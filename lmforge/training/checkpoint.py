@@ -487,6 +487,9 @@ def load_reward_model(
     tokenizer = load_tokenizer(model_dir / "tokenizer", expected_vocab_size=model_cfg.vocab_size)
     trunk = FAMILIES[found](model_cfg)
     assert isinstance(trunk, Transformer)
-    model = RewardModel(trunk, likelihood=config.get("likelihood", False) is True)
+    likelihood = config.get("likelihood", False) is True
+    if likelihood and found != "decoder":
+        raise UserError(f"{model_dir / 'config.json'}: field 'likelihood': needs a decoder trunk")
+    model = RewardModel(trunk, likelihood)
     load_model_weights(model, model_dir / "model.safetensors")
     return model.to(device).eval(), tokenizer, config

@@ -309,6 +309,7 @@ def _critic(
             )
         critic = RewardModel(copy.deepcopy(rm.trunk))  # the values read the head alone
         critic.head.load_state_dict(rm.head.state_dict())
+        critic.requires_grad_(True)  # the loaded reward model is frozen; its copy must train
     else:
         critic = RewardModel(copy.deepcopy(policy))
     return critic.to(device).train()

@@ -118,8 +118,10 @@ def render_reply(
     tok: Tokenizer, prompt: Sequence[Message], reply: str
 ) -> tuple[list[int], list[bool]]:
     """Ids of prompt + reply, whole (`render_pairs` cuts them to the block), and per id whether
-    it belongs to the reply."""
-    return render_chat(tok, [*prompt, Message("assistant", reply)])
+    it belongs to the reply (the last turn only: a prompt may hold earlier assistant turns)."""
+    ids, mask = render_chat(tok, [*prompt, Message("assistant", reply)])
+    n = len(render_chat(tok, prompt, add_generation_prompt=True)[0])  # the prompt's ids
+    return ids, [False] * n + mask[n:]
 
 
 def render_pairs(tok: Tokenizer, prefs: Sequence[Preference], block: int) -> Pairs:

@@ -127,3 +127,19 @@ def test_a_likelihood_reward_model_scores_a_rollout_by_its_response_tokens() -> 
         head = rm.head(rm.trunk.hidden_states(ro.ids).reshape(-1, 32)[ro.last_index()])
         logp = token_logprobs(ro.gather(rm.trunk(ro.ids)), ro.response) * ro.mask
     torch.testing.assert_close(got, head.squeeze(-1) + logp.sum(1), atol=1e-5, rtol=1e-5)
+
+
+def test_a_critic_started_from_the_frozen_reward_model_trains() -> None:
+    """critic_init=reward copies the reward model, which alignment loads frozen: the copy's
+    trunk and head must be trainable (they were not: the critic never learned), and the reward
+    model itself stays frozen."""
+    from lmforge.training.ppo import _critic
+
+    cfg = C.load(PPOConfig, None, ["policy=p", "reward_model=r", "critic_init=reward"])
+    rm = RewardModel(Decoder(CFG), likelihood=True)
+    rm.requires_grad_(False)  # as align.load_reward hands it over
+    critic = _critic(cfg, Decoder(CFG), rm, torch.device("cpu"))
+    assert isinstance(critic, RewardModel) and not critic.likelihood
+    assert all(p.requires_grad for p in critic.parameters())
+    assert not any(p.requires_grad for p in rm.parameters())
+    torch.testing.assert_close(critic.head.weight, rm.head.weight)

@@ -162,7 +162,9 @@ def test_packed_and_padded_pairs_give_the_same_rewards(family: str, likelihood: 
 
 def test_the_likelihood_term_is_the_trunks_summed_log_prob_of_the_reply() -> None:
     """With the head zeroed, the reward is exactly the decoder's log-likelihood of the reply
-    tokens (as DPO sums them), in both layouts; the head's share then adds on top."""
+    (the last turn only), each sequence scored alone, in both layouts: with replies cut by the
+    block, packed rows whose sequences best fit reorders, and a prompt holding an assistant turn
+    of its own. The head's share then adds on top."""
     import torch
 
     from lmforge.data.instruction import Message
@@ -170,8 +172,8 @@ def test_the_likelihood_term_is_the_trunks_summed_log_prob_of_the_reply() -> Non
     from lmforge.models import FAMILIES
     from lmforge.models.reward import RewardModel
     from lmforge.models.transformer import TransformerConfig
+    from lmforge.objectives.lm import token_logprobs
     from lmforge.tokenizers import train_tokenizer
-    from lmforge.training.dpo import collate_seqs, render_pair_seqs, sequence_logprobs
     from lmforge.training.reward import collate_pairs, render_pairs
 
     torch.manual_seed(0)
@@ -179,21 +181,38 @@ def test_the_likelihood_term_is_the_trunks_summed_log_prob_of_the_reply() -> Non
     cfg = TransformerConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, max_seq_len=64)
     model = RewardModel(FAMILIES["decoder"](cfg), likelihood=True).eval()  # type: ignore[arg-type]
     torch.nn.init.zeros_(model.head.weight)
+    ask = Message("user", "What is 3 plus 4?")
     prefs = [
-        Preference((Message("user", "What is 3 plus " + "4" * k + "?"),), "7" * (k + 1), "It is 7.")
-        for k in range(5)
+        Preference((ask,), "It is 7. " * 4, "7"),  # long: packed rows start with it
+        Preference((ask,), "It is 7. " * 12, "It is 8."),  # the reply alone is past the block
+        Preference((ask, Message("assistant", "It is 7."), ask), "Stop wasting my time.", "7"),
+        Preference((Message("user", "What is 3 plus " + "4" * 9 + "?"),), "7" * 3, "It is 7."),
     ]
-    ids, mask = collate_seqs(render_pair_seqs(tok, prefs, 64), range(5))  # chosen rows first
-    pairs = render_pairs(tok, prefs, 64)
+    block = 48
+    pairs = render_pairs(tok, prefs, block)
+    assert pairs.n_truncated >= 1
+    seqs = pairs.chosen + pairs.rejected
+    replies = pairs.chosen_reply + pairs.rejected_reply
+    # the third pair's chosen side: its reply's tokens and <|end_of_turn|>, none of the prompt's
+    n_reply = len(tok.encode_batch(["Stop wasting my time."], allow_special=False)[0]) + 1
+    assert replies[2] == [False] * (len(seqs[2]) - n_reply) + [True] * n_reply
     with torch.no_grad():
-        want = sequence_logprobs(model.trunk, ids, mask)
-        assert (want < 0).all() and want.std() > 0
+        want = []
+        for ids, reply in zip(seqs, replies, strict=True):
+            x = torch.tensor([ids])
+            lp = token_logprobs(model.trunk(x)[:, :-1], x[:, 1:])[0]
+            want.append(float((lp * torch.tensor(reply[1:], dtype=torch.float32)).sum()))
+        want_t = torch.tensor(want)
+        assert (want_t < 0).all() and want_t.std() > 0
+        x, _ = collate_pairs(pairs, range(4), "packed", block)
+        last = x[1]
+        assert last is not None and not bool((last.diff() > 0).all()), "packing kept the order"
         for layout in ("padded", "packed"):
-            x, _ = collate_pairs(pairs, range(5), layout, 64)
-            assert torch.allclose(model(*x), want, atol=1e-4), layout
+            x, _ = collate_pairs(pairs, range(4), layout, block)
+            torch.testing.assert_close(model(*x), want_t, atol=1e-4, rtol=1e-5, msg=layout)
         model.lik_scale.fill_(0.5)
         model.head.bias.fill_(2.0)
-        x, _ = collate_pairs(pairs, range(5))
-        assert torch.allclose(model(*x), 2.0 + 0.5 * want, atol=1e-4)
+        x, _ = collate_pairs(pairs, range(4))
+        torch.testing.assert_close(model(*x), 2.0 + 0.5 * want_t, atol=1e-4, rtol=1e-5)
         with pytest.raises(ValueError, match="reply"):
             model(*x[:2])
