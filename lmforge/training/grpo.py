@@ -24,6 +24,7 @@ from lmforge.data.world_tasks import TaskConfig
 from lmforge.generation.generate import SamplingConfig
 from lmforge.objectives.grpo import group_advantages
 from lmforge.objectives.rl import clipped_policy_loss, kl_penalty, masked_mean
+from lmforge.runtime import autocast
 from lmforge.training.align import (
     eval_row,
     iteration_rollout,
@@ -73,8 +74,11 @@ class GRPOConfig:
         "optimizer and schedule",
     )
     train: TrainConfig = opt(
-        TrainConfig(max_steps=60, batch_size=64, log_every=1, eval_every=20, ckpt_every=20),
-        "max_steps counts iterations; batch_size is responses per rollout (P * G)",
+        TrainConfig(
+            max_steps=60, batch_size=64, log_every=1, eval_every=20, ckpt_every=20, dtype="float32"
+        ),
+        "max_steps counts iterations; batch_size is responses per rollout (P * G); dtype "
+        "applies to the log-prob and update passes (fp32 by default, as PPO)",
     )
     diagnostics: DiagnosticsConfig = opt(DiagnosticsConfig(), "pathology warnings")
 
@@ -155,13 +159,13 @@ def grpo(
                 group=G,
             )
             t_gen = time.perf_counter() - t0
-            with torch.no_grad():
+            with torch.no_grad(), autocast(s.device, s.dtype):
                 raw = REWARDS[cfg.reward](ro, rm)
                 groups = raw.view(-1, G)  # this rank's whole groups
                 adv = group_advantages(groups, cfg.scale_advantages).view(-1)
                 old_logp, _ = response_logprobs(policy, ro, cfg.sampling.temperature)
                 ref_logp, _ = response_logprobs(reference, ro, cfg.sampling.temperature)
-            stats = _update(cfg, forward, optimizer, ro, part, old_logp, ref_logp, adv, it)
+            stats = _update(cfg, forward, optimizer, ro, part, old_logp, ref_logp, adv, it, s.dtype)
             done = it + 1
             bar.update(1)
             per_row = {
@@ -210,15 +214,17 @@ def _update(
     ref_logp: torch.Tensor,
     adv: torch.Tensor,
     it: int,
+    dtype: torch.dtype,
 ) -> dict[str, float]:
     """`epochs` passes of minibatches over the iteration's rows (this rank's: `part`), as in
-    `ppo.ppo_update`; the mean of each statistic over them."""
+    `ppo.ppo_update` (under `dtype` autocast); the mean of each statistic over them."""
     steps = []
     seed = cfg.train.seed * 1_000_003 + it
     n, size = cfg.train.batch_size, cfg.minibatch_size
     for rows, weight in rank_minibatches(ro.mask, n, part, size, cfg.epochs, seed):
         mb = ro.select(rows)
-        logp, ent, _ = forward(mb, cfg.sampling.temperature)
+        with autocast(mb.ids.device, dtype):
+            logp, ent, _ = forward(mb, cfg.sampling.temperature)
         token_adv = adv[rows, None].expand_as(logp)
         pg_loss, pg_stats = clipped_policy_loss(logp, old_logp[rows], token_adv, mb.mask, cfg.clip)
         kl = masked_mean(kl_penalty(logp, ref_logp[rows], "k3"), mb.mask)

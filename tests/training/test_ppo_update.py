@@ -143,3 +143,36 @@ def test_a_critic_started_from_the_frozen_reward_model_trains() -> None:
     assert all(p.requires_grad for p in critic.parameters())
     assert not any(p.requires_grad for p in rm.parameters())
     torch.testing.assert_close(critic.head.weight, rm.head.weight)
+
+
+def test_the_update_runs_in_the_configured_precision() -> None:
+    """train.dtype reaches the PPO update: under bf16 autocast the trunk's matmuls round, so
+    the same minibatch step moves the weights a little differently than in fp32 (before, the
+    option was recorded and ignored). The RL stages default to fp32."""
+    from lmforge.training.ppo import ppo_update
+
+    assert PPOConfig(policy="p", reward="gold").train.dtype == "float32"
+    cfg = C.load(
+        PPOConfig, None, ["policy=p", "reward=gold", "train.batch_size=5", "minibatch_size=5",
+                          "ppo_epochs=1"],
+    )  # fmt: skip
+    ro = tiny_rollout()
+    after = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        policy = Decoder(CFG)
+        model = UpdateForward(policy, RewardModel(Decoder(CFG)))
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        with torch.no_grad():
+            old_logp, _, old_values = model(ro, 1.0)
+        assert old_values is not None
+        adv = torch.randn(old_logp.shape, generator=torch.Generator().manual_seed(1)) * ro.mask
+        ppo_update(cfg, model, model, opt, ro, slice(0, 5), old_logp, old_values, adv,
+                   old_values + 1.0, 0, dtype=dtype)  # fmt: skip
+        after[dtype] = policy.blocks[0].attn.qkv.weight.detach().clone()
+    torch.manual_seed(0)  # the draw both started from
+    start = Decoder(CFG).blocks[0].attn.qkv.weight.detach()
+    step32, step16 = after[torch.float32] - start, after[torch.bfloat16] - start
+    assert step32.abs().max() > 0
+    assert not torch.equal(step32, step16)
+    torch.testing.assert_close(step16, step32, atol=0.05 * step32.abs().max().item(), rtol=0.1)
