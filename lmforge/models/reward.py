@@ -26,6 +26,14 @@ from lmforge.models.decoder import Decoder
 from lmforge.models.transformer import Transformer
 
 
+def scalar_head(n_embd: int, init_std: float) -> nn.Linear:
+    """A linear map of hidden states to one number, initialised small (outputs start near 0)."""
+    head = nn.Linear(n_embd, 1)
+    nn.init.normal_(head.weight, std=init_std / n_embd**0.5)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class RewardModel(nn.Module):
     def __init__(self, trunk: Transformer, likelihood: bool = False):
         super().__init__()
@@ -35,10 +43,8 @@ class RewardModel(nn.Module):
         if likelihood and not self.causal:
             raise ValueError("a likelihood term needs a decoder trunk")
         self.likelihood = likelihood
-        self.head = nn.Linear(trunk.cfg.n_embd, 1)
-        # Small init: rewards start near 0, so the first Bradley-Terry gradients are balanced.
-        nn.init.normal_(self.head.weight, std=trunk.cfg.init_std / trunk.cfg.n_embd**0.5)
-        nn.init.zeros_(self.head.bias)
+        # rewards start near 0, so the first Bradley-Terry gradients are balanced
+        self.head = scalar_head(trunk.cfg.n_embd, trunk.cfg.init_std)
         if likelihood:  # weight of the reply's log-likelihood, in reward units per nat
             self.lik_scale = nn.Parameter(torch.ones(1))  # (1,): FSDP shards no 0-dim tensors
 
@@ -120,9 +126,7 @@ class ValueHead(nn.Module):
 
     def __init__(self, n_embd: int, init_std: float):
         super().__init__()
-        self.head = nn.Linear(n_embd, 1)
-        nn.init.normal_(self.head.weight, std=init_std / n_embd**0.5)  # values start near 0
-        nn.init.zeros_(self.head.bias)
+        self.head = scalar_head(n_embd, init_std)  # values start near 0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., D) -> values (...)."""

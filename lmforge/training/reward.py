@@ -114,21 +114,25 @@ class Pairs:
         return len(self.chosen)
 
 
-def render_reply(
-    tok: Tokenizer, prompt: Sequence[Message], reply: str
-) -> tuple[list[int], list[bool]]:
-    """Ids of prompt + reply, whole (`render_pairs` cuts them to the block), and per id whether
-    it belongs to the reply (the last turn only: a prompt may hold earlier assistant turns)."""
-    ids, mask = render_chat(tok, [*prompt, Message("assistant", reply)])
-    n = len(render_chat(tok, prompt, add_generation_prompt=True)[0])  # the prompt's ids
-    return ids, [False] * n + mask[n:]
+def render_replies(
+    tok: Tokenizer, prompt: Sequence[Message], replies: Sequence[str]
+) -> list[tuple[list[int], list[bool]]]:
+    """Per reply: ids of prompt + reply, whole (`render_pairs` cuts them to the block), and per
+    id whether it belongs to the reply (the last turn only: a prompt may hold earlier assistant
+    turns). The prompt alone is rendered once, for its length."""
+    n = len(render_chat(tok, prompt, add_generation_prompt=True)[0])
+    out = []
+    for reply in replies:
+        ids, mask = render_chat(tok, [*prompt, Message("assistant", reply)])
+        out.append((ids, [False] * n + mask[n:]))
+    return out
 
 
 def render_pairs(tok: Tokenizer, prefs: Sequence[Preference], block: int) -> Pairs:
     """Both sides of each pair; a side longer than `block` loses the start of its prompt (the
     reply and its end, which the reward reads, stay) and the pair is counted in n_truncated."""
-    chosen = [render_reply(tok, p.prompt, p.chosen) for p in prefs]  # (ids, reply) each
-    rejected = [render_reply(tok, p.prompt, p.rejected) for p in prefs]
+    sides = [render_replies(tok, p.prompt, (p.chosen, p.rejected)) for p in prefs]
+    chosen, rejected = [c for c, _ in sides], [r for _, r in sides]  # (ids, reply) each
     cut = sum(max(len(c), len(r)) > block for (c, _), (r, _) in zip(chosen, rejected, strict=True))
     label = np.array([p.label for p in prefs], dtype=np.float32)
     meta = [getattr(p, "meta", None) or {} for p in prefs]
