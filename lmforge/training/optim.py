@@ -3,6 +3,8 @@
 AdamW (Loshchilov & Hutter, 2019) with two parameter groups: matrices and embeddings decay,
 vectors (norm gains, biases) do not, since shrinking a gain towards zero only hurts. The fused
 kernel is used where the build has one (CUDA, and CPU since torch 2.4), else `foreach`.
+`vector_lr` gives the vectors a learning rate of their own (as nanochat gives its scalars): RL
+at a small lr barely moves the final norm's gain, which sets how sharp the policy samples.
 
 Muon (Jordan et al., 2024, "Muon: an optimizer for hidden layers") is the alternative for the
 hidden weight matrices: SGD momentum whose update is orthogonalised by a quintic Newton-Schulz
@@ -38,6 +40,7 @@ class OptimConfig:
         "adamw", "adamw, or muon for hidden matrices (AdamW for embeddings, head and vectors)"
     )
     lr: float = opt(1e-3, "peak learning rate (AdamW parameters)")
+    vector_lr: float = opt(0.0, "peak learning rate of vectors (norm gains, biases); 0: lr")
     muon_lr: float = opt(0.02, "muon only: peak learning rate of the hidden matrices")
     muon_momentum: float = opt(0.95, "muon only: Nesterov momentum")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr")
@@ -52,6 +55,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        check(self.vector_lr >= 0, "vector_lr", f"must be >= 0 (got {self.vector_lr})")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         check(0 < self.decay_frac <= 1, "decay_frac", "must be in (0, 1]")
@@ -71,14 +75,15 @@ def build_optimizer(
             raise ValueError("muon: one model per optimizer")
         return _build_muon(model, cfg)
     groups: list[dict[str, Any]] = []
-    for module, lr in [(model, cfg.lr), *also]:
+    lrs = [(model, cfg.lr, cfg.vector_lr or cfg.lr), *((m, lr, lr) for m, lr in also)]
+    for module, lr, vector_lr in lrs:
         params = [p for p in module.parameters() if p.requires_grad]
         groups += [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        if also:
-            groups[-2]["lr"] = groups[-1]["lr"] = groups[-2]["base_lr"] = groups[-1]["base_lr"] = lr
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+             "lr": lr, "base_lr": lr},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
+             "lr": vector_lr, "base_lr": vector_lr},
+        ]  # fmt: skip
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)  # type: ignore[arg-type]
@@ -103,8 +108,8 @@ def _build_muon(model: nn.Module, cfg: OptimConfig) -> Muon:
          "weight_decay": 0.0},
         {"params": [p for p in other if p.dim() >= 2], "use_muon": False, "lr": cfg.lr,
          "base_lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": [p for p in other if p.dim() < 2], "use_muon": False, "lr": cfg.lr,
-         "base_lr": cfg.lr, "weight_decay": 0.0},
+        {"params": [p for p in other if p.dim() < 2], "use_muon": False,
+         "lr": cfg.vector_lr or cfg.lr, "base_lr": cfg.vector_lr or cfg.lr, "weight_decay": 0.0},
     ]  # fmt: skip
     return Muon(groups, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 

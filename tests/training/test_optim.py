@@ -47,3 +47,27 @@ def test_non_finite_gradient_never_reaches_the_weights() -> None:
         train_step(model, opt, [(x, y)], loss_fn, n_micro=1, device=torch.device("cpu"),
                    dtype=torch.float32, grad_clip=1.0, step=1)  # fmt: skip
     assert torch.equal(model.weight, before)
+
+
+def test_vectors_follow_vector_lr_through_the_schedule() -> None:
+    from lmforge.training.optim import build_optimizer, set_lr
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    critic = torch.nn.Linear(4, 1)
+    cfg = build(OptimConfig, {"lr": 1e-3, "vector_lr": 5e-2})
+    opt = build_optimizer(model, cfg, also=[(critic, 2e-4)])
+    set_lr(opt, 0.5e-3, peak=1e-3)  # half way down some schedule
+    got = {(len(g["params"]), round(g["lr"], 8)) for g in opt.param_groups}
+    # policy matrices, policy vectors (bias + two LayerNorm vectors), critic matrix, critic bias
+    assert got == {(1, 5e-4), (3, 2.5e-2), (1, 1e-4)}, got
+    assert [g["lr"] for g in opt.param_groups[2:]] == [1e-4, 1e-4]
+    # one step moves a vector by about its lr (Adam's first step is lr * sign(grad))
+    model(torch.randn(2, 4)).sum().backward()
+    critic(torch.randn(2, 4)).sum().backward()
+    gain, weight = model[1].weight.detach().clone(), model[0].weight.detach().clone()
+    opt.step()
+    assert torch.allclose((model[1].weight - gain).abs(), torch.full((4,), 2.5e-2), rtol=1e-3)
+    assert (model[0].weight - weight).abs().max() < 1e-3
+
+    plain = build_optimizer(model, build(OptimConfig, {"lr": 1e-3}))
+    assert {g["lr"] for g in plain.param_groups} == {1e-3}
