@@ -64,6 +64,11 @@ class OptimConfig:
         check(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
 
+    @property
+    def vectors_lr(self) -> float:
+        """The vectors' peak learning rate: `vector_lr`, or `lr` when that is 0."""
+        return self.vector_lr or self.lr
+
 
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, also: Sequence[tuple[nn.Module, float]] = ()
@@ -75,7 +80,7 @@ def build_optimizer(
             raise ValueError("muon: one model per optimizer")
         return _build_muon(model, cfg)
     groups: list[dict[str, Any]] = []
-    lrs = [(model, cfg.lr, cfg.vector_lr or cfg.lr), *((m, lr, lr) for m, lr in also)]
+    lrs = [(model, cfg.lr, cfg.vectors_lr), *((m, lr, lr) for m, lr in also)]
     for module, lr, vector_lr in lrs:
         params = [p for p in module.parameters() if p.requires_grad]
         groups += [
@@ -109,7 +114,7 @@ def _build_muon(model: nn.Module, cfg: OptimConfig) -> Muon:
         {"params": [p for p in other if p.dim() >= 2], "use_muon": False, "lr": cfg.lr,
          "base_lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": [p for p in other if p.dim() < 2], "use_muon": False,
-         "lr": cfg.vector_lr or cfg.lr, "base_lr": cfg.vector_lr or cfg.lr, "weight_decay": 0.0},
+         "lr": cfg.vectors_lr, "base_lr": cfg.vectors_lr, "weight_decay": 0.0},
     ]  # fmt: skip
     return Muon(groups, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 

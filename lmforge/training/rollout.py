@@ -62,24 +62,26 @@ class Rollout:
             pos = pos[..., None].expand(-1, -1, per_position.size(-1))
         return per_position.gather(1, pos)
 
+    def end(self) -> torch.Tensor:
+        """(B,) position one past each row's last response token (its real length)."""
+        return self.start + self.mask.sum(dim=1).long()
+
     def last_index(self) -> torch.Tensor:
         """Flat indices into B * T of each row's last response token (what a reward model reads)."""
         B, T = self.ids.shape
-        length = self.mask.sum(dim=1).long()
-        return torch.arange(B, device=self.ids.device) * T + self.start + length - 1
+        return torch.arange(B, device=self.ids.device) * T + self.end() - 1
 
     def reply_mask(self) -> torch.Tensor:
         """(B, T) bool: True on each row's response tokens (what a reward model's likelihood
         term sums)."""
         t = torch.arange(self.ids.size(1), device=self.ids.device)
-        end = self.start + self.mask.sum(dim=1).long()
-        return (t[None, :] >= self.start[:, None]) & (t[None, :] < end[:, None])
+        return (t[None, :] >= self.start[:, None]) & (t[None, :] < self.end()[:, None])
 
     def packed(self) -> Packed:
         """The rows' real tokens packed by best fit into rows as long as the longest of them;
         or, where that saves no position (rows of one length), the rows as they are, cut to
         the longest (plain causal attention, no mask)."""
-        lengths = (self.start + self.mask.sum(1).long()).tolist()
+        lengths = self.end().tolist()
         n, T, R = torch.tensor(lengths), max(lengths), self.response.size(1)
         # position start - 1 + j predicts response token j; padding reads the row's last token
         pos = (self.start.cpu()[:, None] - 1 + torch.arange(R)).clamp_max(n[:, None] - 1)
